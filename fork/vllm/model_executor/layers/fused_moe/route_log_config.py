@@ -1,0 +1,119 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Settings of the MoE route log (route_logger.py), read from the environment in
+one place and checked with a message that names the variable and what it accepts."""
+
+import os
+import re
+from dataclasses import dataclass
+
+ENV_PATH = "VLLM_LOG_MOE"
+ENV_LAYERS = "VLLM_LOG_MOE_LAYERS"
+ENV_MAX_PENDING = "VLLM_LOG_MOE_MAX_PENDING_STEPS"
+KNOWN_ENV = (ENV_PATH, ENV_LAYERS, ENV_MAX_PENDING)
+LAYERS_HELP = (
+    "a decoder-layer index (0), a comma list (0,12,23), an inclusive range "
+    "(0-23), a mix of these (0,4-7), or 'all'"
+)
+
+
+class RouteLogError(ValueError):
+    """A bad VLLM_LOG_MOE* setting, raised before anything is written."""
+
+
+@dataclass(frozen=True)
+class RouteLogConfig:
+    path: str
+    layers: tuple[int, ...] | None  # None: every MoE layer
+    max_pending_steps: int
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "RouteLogConfig | None":
+        unknown = sorted(k for k in environ if k.startswith(ENV_PATH) and k not in KNOWN_ENV)
+        if unknown:
+            raise RouteLogError(
+                f"unknown variable(s) {', '.join(unknown)}; the route log reads "
+                f"{', '.join(KNOWN_ENV)}"
+            )
+        if ENV_PATH not in environ:
+            others = [k for k in KNOWN_ENV[1:] if k in environ]
+            if others:
+                raise RouteLogError(
+                    f"{', '.join(others)} set but {ENV_PATH} is not; set "
+                    f"{ENV_PATH}=/path/log.jsonl to turn the route log on"
+                )
+            return None
+        return cls(
+            path=_check_path(environ[ENV_PATH]),
+            layers=parse_layers(environ.get(ENV_LAYERS, "0")),
+            max_pending_steps=_parse_positive(environ.get(ENV_MAX_PENDING, "64")),
+        )
+
+
+def parse_layers(spec: str) -> tuple[int, ...] | None:
+    text = spec.strip()
+    if text.lower() == "all":
+        return None
+    layers: set[int] = set()
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+        if match is None:
+            raise RouteLogError(
+                f"{ENV_LAYERS}={spec!r}: cannot read {item.strip()!r}; accepted: {LAYERS_HELP}"
+            )
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise RouteLogError(
+                f"{ENV_LAYERS}={spec!r}: range {first}-{last} runs backwards; "
+                f"accepted: {LAYERS_HELP}"
+            )
+        layers.update(range(first, last + 1))
+    return tuple(sorted(layers))
+
+
+def _parse_positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise RouteLogError(f"{ENV_MAX_PENDING}={text!r}: expected a whole number >= 1")
+    return int(text)
+
+
+def _check_path(path: str) -> str:
+    expected = "expected a path to a .jsonl file in an existing, writable directory"
+    if not path.strip():
+        raise RouteLogError(f"{ENV_PATH} is empty; {expected}")
+    full = os.path.abspath(path)
+    parent = os.path.dirname(full)
+    if os.path.isdir(full):
+        raise RouteLogError(f"{ENV_PATH}={path!r} is a directory; {expected}")
+    if not os.path.isdir(parent):
+        raise RouteLogError(f"{ENV_PATH}={path!r}: directory {parent} does not exist; {expected}")
+    target = full if os.path.exists(full) else parent
+    if not os.access(target, os.W_OK):
+        raise RouteLogError(f"{ENV_PATH}={path!r}: {target} is not writable; {expected}")
+    return full
+
+
+def check_engine_config(vllm_config) -> None:
+    """Front-end check, so that bad settings fail before any process starts."""
+    config = RouteLogConfig.from_env()
+    if config is None:
+        return
+    model = vllm_config.model_config
+    if model.get_num_experts() <= 0:
+        raise RouteLogError(f"{ENV_PATH} is set but {model.model} has no MoE layers")
+    num_layers = model.get_total_num_hidden_layers()
+    beyond = [layer for layer in config.layers or () if layer >= num_layers]
+    if beyond:
+        raise RouteLogError(
+            f"{ENV_LAYERS}: layer(s) {beyond} out of range; {model.model} has decoder "
+            f"layers 0-{num_layers - 1}; accepted: {LAYERS_HELP}"
+        )
+    parallel = vllm_config.parallel_config
+    unsupported = {
+        "speculative decoding": vllm_config.speculative_config is not None,
+        "pipeline parallelism": parallel.pipeline_parallel_size > 1,
+        "data parallelism": parallel.data_parallel_size > 1,
+        "micro-batching (DBO)": getattr(parallel, "use_ubatching", False),
+    }
+    for feature, enabled in unsupported.items():
+        if enabled:
+            raise RouteLogError(f"{ENV_PATH} does not support {feature} yet; turn one off")

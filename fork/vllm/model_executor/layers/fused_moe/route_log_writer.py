@@ -1,0 +1,216 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Background JSONL writer of the MoE route log (see route_logger.py).
+
+The engine thread only enqueues; this thread waits for each step's device-to-host
+copy, renders its records with numpy (whole columns at a time, so the GIL is
+mostly free for the engine) and appends them. The queue is bounded: when the
+writer falls behind, ``put`` blocks the engine (back-pressure) and the wait is
+counted in the closing record, so no record is ever dropped silently.
+"""
+
+import fcntl
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+WEIGHT_SCALE = 10**9  # weights are written with 9 decimals: |error| <= 5e-10
+
+
+@dataclass
+class StepRoutes:
+    ids: Any  # torch int32 [num_rows, num_logged_layers, top_k], host memory once ready
+    weights: Any  # torch float32, same shape
+    ready: Any  # torch.cuda.Event to wait on, or None
+    spans: list  # (request prefix bytes, first position, first row, end row)
+    layers: list[int]
+
+
+@dataclass
+class RequestEnd:
+    request: Any  # route_logger._Request
+    finished: bool  # False: still running when the engine shut down
+
+
+def render_routes(ids: np.ndarray, weights: np.ndarray, spans, layers) -> bytes:
+    """Route records of one step, one JSON object per line, all columns at once.
+
+    Numbers are right-aligned in fixed-width fields padded with spaces (valid JSON
+    whitespace), so every line of a step has the same length.
+    """
+    if not spans:
+        return b""
+    rows = np.concatenate([np.arange(s, e) for _, _, s, e in spans])
+    pos = np.concatenate([np.arange(p, p + e - s) for _, p, s, e in spans])
+    owner = np.repeat(np.arange(len(spans)), [e - s for _, _, s, e in spans])
+    top_k = ids.shape[2]
+    ids = ids[rows].reshape(-1, top_k).astype(np.int64)
+    scaled = np.rint(weights[rows].reshape(-1, top_k).astype(np.float64) * WEIGHT_SCALE)
+    if ids.min() < 0 or not np.isfinite(scaled).all() or scaled.min() < 0:
+        return render_routes_plain(ids, weights[rows].reshape(-1, top_k), pos, owner, spans, layers)
+    scaled = scaled.astype(np.int64)
+    num_layers = len(layers)
+    prefixes = [p for p, _, _, _ in spans]
+    width = max(map(len, prefixes))
+    table = np.full((len(spans), width), ord(" "), dtype=np.uint8)
+    for i, p in enumerate(prefixes):
+        table[i, : len(p)] = np.frombuffer(p, dtype=np.uint8)
+    pieces: list = [b'{"type":"route",', table[np.repeat(owner, num_layers)], b'"token_idx":']
+    pieces += [_digits(np.repeat(pos, num_layers)), b',"layer":']
+    pieces += [_digits(np.tile(np.asarray(layers, dtype=np.int64), len(rows))), b',"topk_ids":[']
+    id_width = _width(ids)
+    for k in range(top_k):
+        pieces += [b"," if k else b"", _digits(ids[:, k], id_width)]
+    pieces.append(b'],"topk_weights":[')
+    int_width = _width(scaled // WEIGHT_SCALE)
+    for k in range(top_k):
+        pieces += [b"," if k else b"", _digits(scaled[:, k] // WEIGHT_SCALE, int_width), b"."]
+        pieces.append(_digits(scaled[:, k] % WEIGHT_SCALE, 9, pad=ord("0")))
+    pieces.append(b"]}\n")
+    return _assemble(pieces, len(rows) * num_layers)
+
+
+def _width(values: np.ndarray) -> int:
+    return len(str(int(values.max()))) if values.size else 1
+
+
+def _digits(values: np.ndarray, width: int | None = None, pad: int = ord(" ")) -> np.ndarray:
+    """uint8 [len(values), width]: decimal digits, right-aligned, padded with ``pad``."""
+    width = width or _width(values)
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    digits = (values[:, None] // powers % 10 + ord("0")).astype(np.uint8)
+    digits[(values[:, None] < powers) & (powers > 1)] = pad
+    return digits
+
+
+def _assemble(pieces: list, num_records: int) -> bytes:
+    widths = [len(p) if isinstance(p, bytes) else p.shape[1] for p in pieces]
+    out = np.empty((num_records, sum(widths)), dtype=np.uint8)
+    col = 0
+    for piece, w in zip(pieces, widths):
+        if isinstance(piece, bytes):
+            out[:, col : col + w] = np.frombuffer(piece, dtype=np.uint8)
+        else:
+            out[:, col : col + w] = piece
+        col += w
+    return out.tobytes()
+
+
+def render_routes_plain(ids, weights, pos, owner, spans, layers) -> bytes:
+    """Record by record, with json: the fallback for values the fast path cannot
+    write (negative ids, non-finite weights) and the reference the tests hold it to."""
+    lines = []
+    num_layers = len(layers)
+    for r, (position, who) in enumerate(zip(pos.tolist(), owner.tolist())):
+        prefix = spans[who][0].decode()
+        for li, layer in enumerate(layers):
+            rec = r * num_layers + li
+            weights_out = [
+                round(float(w), 9) if np.isfinite(w) else None for w in weights[rec]
+            ]
+            lines.append(
+                f'{{"type":"route",{prefix}"token_idx":{position},"layer":{layer},'
+                f'"topk_ids":{json.dumps([int(i) for i in ids[rec]])},'
+                f'"topk_weights":{json.dumps(weights_out)}}}\n'
+            )
+    return "".join(lines).encode()
+
+
+class RouteLogWriter:
+    """Owns the log file from its meta line to its closing 'end' record."""
+
+    def __init__(self, path: str, meta: dict, max_pending_steps: int):
+        self.path = path
+        self._file = open(path, "ab")  # truncated only once the lock is held
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise ValueError(
+                f"VLLM_LOG_MOE={path!r} is being written by another engine"
+            ) from None
+        self._file.truncate(0)
+        self._file.write(json.dumps(meta).encode() + b"\n")
+        self._file.flush()
+        self.stats = {"steps": 0, "route_records": 0, "requests": 0, "engine_waits": 0}
+        self.error: str | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending_steps)
+        self._thread = threading.Thread(target=self._run, name="moe-route-log", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    def put(self, item) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.stats["engine_waits"] += 1
+            self._queue.put(item)
+
+    def close(self) -> None:
+        """Drains the queue, appends the 'end' record and closes the file."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+        end = {"type": "end", **self.stats, "write_error": self.error,
+               "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._write(json.dumps(end).encode() + b"\n")
+        self._file.close()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._write(self._render(item))
+                if self._queue.empty():
+                    self._file.flush()
+            except Exception as e:  # the engine must never block on a dead writer
+                self._fail(e)
+
+    def _render(self, item) -> bytes:
+        if isinstance(item, RequestEnd):
+            self.stats["requests"] += 1
+            return _request_line(item)
+        if item.ready is not None:
+            item.ready.synchronize()
+        self.stats["steps"] += 1
+        self.stats["route_records"] += sum(e - s for _, _, s, e in item.spans) * len(item.layers)
+        return render_routes(item.ids.numpy(), item.weights.numpy(), item.spans, item.layers)
+
+    def _write(self, data: bytes) -> None:
+        if self.error is None:
+            try:
+                self._file.write(data)
+            except OSError as e:
+                self._fail(e)
+
+    def _fail(self, e: Exception) -> None:
+        if self.error is None:
+            self.error = f"{type(e).__name__}: {e}"
+            logger.error("VLLM_LOG_MOE: writing %s failed (%s); the route log stops "
+                         "here and generation goes on", self.path, self.error)
+
+
+def _request_line(end: RequestEnd) -> bytes:
+    request = end.request
+    record = {
+        "type": "request",
+        "req_id": request.req_id,
+        "engine_req_id": request.engine_req_id,
+        "prompt_len": request.prompt_len,
+        "prompt_tokens_cached": request.prompt_tokens_cached,
+        "routed_positions": request.routed,
+        "recomputed_positions": request.recomputed,
+        "finished": end.finished,
+    }
+    if request.sample is not None:
+        record["sample"] = request.sample
+    return json.dumps(record).encode() + b"\n"
