@@ -1,0 +1,67 @@
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from experiments.tiny_moe import TOP2, TOP4_NORM, build_dense, build_moe
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+ROUTE_ENV = ("VLLM_LOG_MOE", "VLLM_LOG_MOE_LAYERS", "VLLM_LOG_MOE_MAX_PENDING_STEPS")
+
+
+@pytest.fixture(autouse=True)
+def _no_route_env(monkeypatch):
+    """Tests start with the route log off, whatever the calling shell has set."""
+    for name in ROUTE_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "top2": build_moe(TOP2, root / "top2"),
+        "top4": build_moe(TOP4_NORM, root / "top4"),
+        "dense": build_dense(root / "dense"),
+    }
+
+
+@dataclass
+class EngineRun:
+    returncode: int
+    result: dict | None  # engine_job.py's output
+    output: str  # stdout and stderr (vLLM logs to stdout)
+    log: Path | None
+    workdir: Path
+
+
+def run_engine(tmp: Path, spec: dict, env: dict[str, str] | None = None, timeout=900) -> EngineRun:
+    """One engine in a fresh process; ``env`` adds e.g. VLLM_LOG_MOE for that process."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    full_env = {k: v for k, v in os.environ.items() if k not in ROUTE_ENV}
+    full_env.update(env or {}, VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "engine_job.py"), str(tmp / "spec.json"), str(tmp / "out.json")],
+        env=full_env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=timeout,
+    )
+    out = tmp / "out.json"
+    log = Path(env["VLLM_LOG_MOE"]) if env and "VLLM_LOG_MOE" in env else None
+    result = json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else None
+    return EngineRun(proc.returncode, result, proc.stdout, log, tmp)
+
+
+def engine_kwargs(**overrides) -> dict:
+    """CPU-friendly defaults: fp32 for exact comparisons, small memory, chunked prefill."""
+    kwargs = dict(
+        dtype="float32", gpu_memory_utilization=0.3, max_model_len=256,
+        max_num_batched_tokens=32, max_num_seqs=4, seed=1234, skip_tokenizer_init=True,
+    )
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,67 @@
+"""Runs one vLLM engine for a test, in its own process (own VLLM_LOG_MOE* environment).
+
+    python tests/engine_job.py SPEC.json OUT.json
+
+SPEC: {"model": dir, "engine": {LLM kwargs}, "waves": [[request, ...], ...]}, a request
+being {"id": str, "prompt_token_ids": [...], "sampling": {SamplingParams kwargs}}.
+Each wave after the first is added once the engine has run two more steps, so requests
+join a running batch. OUT: {"outputs": [{"id", "prompt_token_ids", "samples": [...]}],
+"workers": what each worker reports about its route logger}.
+"""
+
+import json
+import sys
+
+
+def worker_route_state(worker) -> dict:
+    from vllm.model_executor.layers.fused_moe import route_logger
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    model = worker.model_runner.get_model()
+    hooked = [
+        m.route_log_fn is not None for m in model.modules() if isinstance(m, BaseRouter)
+    ]
+    return {"active": route_logger._ACTIVE is not None, "routers": len(hooked), "hooked": sum(hooked)}
+
+
+def run(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    llm = LLM(model=spec["model"], **spec["engine"])
+    engine = llm.llm_engine
+    finished = {}
+    waves = list(spec["waves"])
+    steps_since_wave = 0
+    while waves or engine.has_unfinished_requests():
+        if waves and (steps_since_wave >= 2 or not engine.has_unfinished_requests()):
+            for req in waves.pop(0):
+                engine.add_request(
+                    req["id"],
+                    TokensPrompt(prompt_token_ids=req["prompt_token_ids"]),
+                    # FINAL_ONLY, as LLM.generate: one output with all n samples.
+                    SamplingParams(**req["sampling"], output_kind=RequestOutputKind.FINAL_ONLY),
+                )
+            steps_since_wave = 0
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        steps_since_wave += 1
+    workers = llm.collective_rpc(worker_route_state)
+    outputs = [
+        {
+            "id": rid,
+            "prompt_token_ids": list(out.prompt_token_ids),
+            "samples": [list(c.token_ids) for c in sorted(out.outputs, key=lambda c: c.index)],
+        }
+        for rid, out in sorted(finished.items())
+    ]
+    return {"outputs": outputs, "workers": workers}
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        result = run(json.load(f))
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)

@@ -1,0 +1,41 @@
+"""The fork is a delta: our modules plus one patch per pinned vLLM release."""
+
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "fork"))
+import build  # noqa: E402
+
+
+@pytest.mark.parametrize("version", sorted(build.UPSTREAM))
+def test_patch_applies_cleanly_to_its_release(version, tmp_path):
+    tree = tmp_path / "vllm"
+    build.unpack(version, tree)
+    result = subprocess.run(
+        ["patch", "-p1", "--dry-run", "--batch", "--forward", "-d", str(tree),
+         "-i", str(ROOT / "fork" / "patches" / f"v{version}.patch")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout
+    assert "offset" not in result.stdout and "fuzz" not in result.stdout, result.stdout
+
+
+def test_the_installed_vllm_is_this_fork():
+    import vllm
+
+    assert Path(vllm.__file__).resolve().is_relative_to(ROOT / "vllm-fork")
+    for ours in (ROOT / "fork" / "vllm").rglob("*.py"):
+        installed = ROOT / "vllm-fork" / ours.relative_to(ROOT / "fork")
+        assert filecmp.cmp(ours, installed, shallow=False), f"{installed} is stale: rerun scripts/setup.sh"
+
+
+def test_vllm_sources_are_never_committed():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert not [f for f in tracked if f.startswith("vllm-fork/")]
+    ignored = subprocess.run(["git", "check-ignore", "-q", "vllm-fork"], cwd=ROOT)
+    assert ignored.returncode == 0

@@ -1,0 +1,94 @@
+"""VLLM_LOG_MOE* settings: every bad value fails before anything is written, with a
+message naming the variable and what it accepts."""
+
+import os
+
+import pytest
+
+from vllm.model_executor.layers.fused_moe.route_log_config import (
+    LAYERS_HELP,
+    RouteLogConfig,
+    RouteLogError,
+    parse_layers,
+)
+
+
+@pytest.mark.parametrize(
+    "spec, layers",
+    [("0", (0,)), ("0,12,23", (0, 12, 23)), ("0-3", (0, 1, 2, 3)), ("5, 0-2 ,2", (0, 1, 2, 5)),
+     ("all", None), (" ALL ", None), ("7-7", (7,))],
+)
+def test_layer_lists(spec, layers):
+    assert parse_layers(spec) == layers
+
+
+@pytest.mark.parametrize("spec", ["", "x", "-1", "1,,2", "0-", "1.5", "3-1", "0;1", "all,0"])
+def test_bad_layer_lists(spec):
+    with pytest.raises(RouteLogError, match="VLLM_LOG_MOE_LAYERS") as e:
+        parse_layers(spec)
+    assert LAYERS_HELP in str(e.value)
+
+
+def test_defaults_and_off(tmp_path):
+    assert RouteLogConfig.from_env({}) is None
+    config = RouteLogConfig.from_env({"VLLM_LOG_MOE": str(tmp_path / "r.jsonl")})
+    assert config == RouteLogConfig(str(tmp_path / "r.jsonl"), (0,), 64)
+
+
+def test_relative_path_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert RouteLogConfig.from_env({"VLLM_LOG_MOE": "r.jsonl"}).path == str(tmp_path / "r.jsonl")
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"VLLM_LOG_MOE": ""}, "VLLM_LOG_MOE is empty"),
+        ({"VLLM_LOG_MOE": "   "}, "VLLM_LOG_MOE is empty"),
+        ({"VLLM_LOG_MOE": "{tmp}"}, "is a directory"),
+        ({"VLLM_LOG_MOE": "{tmp}/missing/r.jsonl"}, "missing does not exist"),
+        ({"VLLM_LOG_MOE_LAYERS": "0"}, "VLLM_LOG_MOE_LAYERS set but VLLM_LOG_MOE is not"),
+        ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_LAYER": "0"}, "unknown variable(s) VLLM_LOG_MOE_LAYER"),
+        ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_MAX_PENDING_STEPS": "0"}, "VLLM_LOG_MOE_MAX_PENDING_STEPS='0'"),
+        ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_MAX_PENDING_STEPS": "x"}, "expected a whole number"),
+    ],
+)
+def test_bad_settings(tmp_path, env, message):
+    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    with pytest.raises(RouteLogError) as e:
+        RouteLogConfig.from_env(env)
+    assert message in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_directory(tmp_path):
+    tmp_path.chmod(0o555)
+    with pytest.raises(RouteLogError, match="is not writable"):
+        RouteLogConfig.from_env({"VLLM_LOG_MOE": str(tmp_path / "r.jsonl")})
+
+
+def engine_config(model, monkeypatch, **env):
+    from vllm.engine.arg_utils import EngineArgs
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return EngineArgs(model=str(model), skip_tokenizer_init=True).create_engine_config()
+
+
+def test_front_end_rejects_a_model_without_experts(models, tmp_path, monkeypatch):
+    with pytest.raises(RouteLogError, match="has no MoE layers"):
+        engine_config(models["dense"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"))
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_front_end_rejects_layers_out_of_range(models, tmp_path, monkeypatch):
+    with pytest.raises(RouteLogError, match=r"layer\(s\) \[4, 9\] out of range; .* decoder layers 0-3"):
+        engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"),
+                      VLLM_LOG_MOE_LAYERS="0,4,9")
+
+
+def test_front_end_accepts_good_settings_and_is_silent_when_off(models, tmp_path, monkeypatch):
+    engine_config(models["top2"], monkeypatch)
+    engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"), VLLM_LOG_MOE_LAYERS="all")
+    assert list(tmp_path.iterdir()) == []  # the file is created by the worker, not here
