@@ -35,12 +35,17 @@ class StepRoutes:
 
 
 @dataclass
+class RequestStart:
+    request: Any  # route_logger._Request, first seen by the worker
+
+
+@dataclass
 class RequestEnd:
     request: Any  # route_logger._Request
     finished: bool  # False: still running when the engine shut down
 
 
-def render_routes(ids: np.ndarray, weights: np.ndarray, spans, layers) -> bytes:
+def render_routes(ids: np.ndarray, weights: np.ndarray, spans, layers) -> bytes | memoryview:
     """Route records of one step, one JSON object per line, all columns at once.
 
     Numbers are right-aligned in fixed-width fields padded with spaces (valid JSON
@@ -82,16 +87,23 @@ def _width(values: np.ndarray) -> int:
     return len(str(int(values.max()))) if values.size else 1
 
 
+# [1000, 3] uint8: the three zero-padded ASCII digits of 0..999
+_TRIPLES = np.frombuffer("".join(f"{i:03d}" for i in range(1000)).encode(), np.uint8).reshape(-1, 3)
+
+
 def _digits(values: np.ndarray, width: int | None = None, pad: int = ord(" ")) -> np.ndarray:
-    """uint8 [len(values), width]: decimal digits, right-aligned, padded with ``pad``."""
+    """uint8 [len(values), width]: decimal digits, right-aligned, padded with ``pad``.
+    Three digits per table lookup: integer division is the slow part."""
     width = width or _width(values)
-    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
-    digits = (values[:, None] // powers % 10 + ord("0")).astype(np.uint8)
-    digits[(values[:, None] < powers) & (powers > 1)] = pad
+    groups = [_TRIPLES[values // 1000**g % 1000] for g in range(-(-width // 3) - 1, -1, -1)]
+    digits = np.concatenate(groups, axis=1)[:, -width:]
+    if pad != ord("0") and width > 1:
+        powers = 10 ** np.arange(width - 1, 0, -1, dtype=np.int64)
+        digits[:, :-1][values[:, None] < powers] = pad
     return digits
 
 
-def _assemble(pieces: list, num_records: int) -> bytes:
+def _assemble(pieces: list, num_records: int) -> memoryview:
     widths = [len(p) if isinstance(p, bytes) else p.shape[1] for p in pieces]
     out = np.empty((num_records, sum(widths)), dtype=np.uint8)
     col = 0
@@ -101,7 +113,7 @@ def _assemble(pieces: list, num_records: int) -> bytes:
         else:
             out[:, col : col + w] = piece
         col += w
-    return out.tobytes()
+    return memoryview(out).cast("B")
 
 
 def render_routes_plain(ids, weights, pos, owner, spans, layers) -> bytes:
@@ -138,9 +150,10 @@ class RouteLogWriter:
                 f"VLLM_LOG_MOE={path!r} is being written by another engine"
             ) from None
         self._file.truncate(0)
-        self._file.write(json.dumps(meta).encode() + b"\n")
+        self._file.write(_json_line(meta))
         self._file.flush()
-        self.stats = {"steps": 0, "route_records": 0, "requests": 0, "engine_waits": 0}
+        self.stats = {"steps": 0, "route_records": 0, "requests": 0, "requests_ended": 0,
+                      "engine_waits": 0}
         self.error: str | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending_steps)
         self._thread = threading.Thread(target=self._run, name="moe-route-log", daemon=True)
@@ -154,16 +167,16 @@ class RouteLogWriter:
             self.stats["engine_waits"] += 1
             self._queue.put(item)
 
-    def close(self) -> None:
+    def close(self, **end_fields) -> None:
         """Drains the queue, appends the 'end' record and closes the file."""
         if self._closed:
             return
         self._closed = True
         self._queue.put(None)
         self._thread.join()
-        end = {"type": "end", **self.stats, "write_error": self.error,
+        end = {"type": "end", **self.stats, **end_fields, "write_error": self.error,
                "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self._write(json.dumps(end).encode() + b"\n")
+        self._write(_json_line(end))
         self._file.close()
 
     def _run(self) -> None:
@@ -176,9 +189,12 @@ class RouteLogWriter:
                 self._fail(e)
 
     def _render(self, item) -> bytes:
-        if isinstance(item, RequestEnd):
+        if isinstance(item, RequestStart):
             self.stats["requests"] += 1
-            return _request_line(item)
+            return _request_line("request", item.request)
+        if isinstance(item, RequestEnd):
+            self.stats["requests_ended"] += 1
+            return _request_line("request_end", item.request, finished=item.finished)
         if item.ready is not None:
             item.ready.synchronize()
         self.stats["steps"] += 1
@@ -199,18 +215,18 @@ class RouteLogWriter:
                          "here and generation goes on", self.path, self.error)
 
 
-def _request_line(end: RequestEnd) -> bytes:
-    request = end.request
-    record = {
-        "type": "request",
-        "req_id": request.req_id,
-        "engine_req_id": request.engine_req_id,
-        "prompt_len": request.prompt_len,
-        "prompt_tokens_cached": request.prompt_tokens_cached,
-        "routed_positions": request.routed,
-        "recomputed_positions": request.recomputed,
-        "finished": end.finished,
-    }
+def _request_line(kind: str, request, **extra) -> bytes:
+    record = {"type": kind, "req_id": request.req_id}
     if request.sample is not None:
         record["sample"] = request.sample
-    return json.dumps(record).encode() + b"\n"
+    if kind == "request":
+        record.update(engine_req_id=request.engine_req_id, prompt_len=request.prompt_len,
+                      prompt_tokens_cached=request.prompt_tokens_cached)
+    else:
+        record.update(routed_positions=request.routed,
+                      recomputed_positions=request.recomputed, **extra)
+    return _json_line(record)
+
+
+def _json_line(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"

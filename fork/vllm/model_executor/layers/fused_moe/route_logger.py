@@ -34,6 +34,7 @@ from vllm.model_executor.layers.fused_moe.route_log_config import (
 )
 from vllm.model_executor.layers.fused_moe.route_log_writer import (
     RequestEnd,
+    RequestStart,
     RouteLogWriter,
     StepRoutes,
 )
@@ -44,7 +45,9 @@ COVERAGE = (
     "One route record per (request, position, logged layer) that went through the "
     "forward pass. Positions served from the prefix cache skip the forward and have "
     "no route records: each request's 'request' record gives prompt_len and "
-    "prompt_tokens_cached. The last generated token is never fed back, so it has none."
+    "prompt_tokens_cached. The last generated token is never fed back, so it has none. "
+    "'request_end' closes a request (finished false: still running at shutdown). "
+    "Requests no caller sent (vLLM's warm-up) are not logged; 'end' counts them."
 )
 
 
@@ -119,9 +122,13 @@ def _prompt_len(new_req) -> int:
     return 0 if new_req.prompt_embeds is None else new_req.prompt_embeds.shape[0]
 
 
-def _request_from(new_req) -> _Request:
+def _request_from(new_req) -> _Request | None:
+    """None for requests no caller sent (vLLM's warm-up): only the front end sets
+    external_req_id."""
     engine_id = new_req.req_id
-    external = getattr(new_req, "external_req_id", None) or engine_id
+    external = getattr(new_req, "external_req_id", None)
+    if external is None:
+        return None
     child = re.fullmatch(rf"(\d+)_{re.escape(external)}(-[0-9a-f]{{8}})?", engine_id)
     return _Request(
         req_id=external,
@@ -145,6 +152,7 @@ class RouteLogger:
         self.ids = torch.zeros(rows, len(self.layers), top_k, dtype=torch.int32, device=device)
         self.weights = torch.zeros(rows, len(self.layers), top_k, dtype=torch.float32, device=device)
         self.requests: dict[str, _Request] = {}
+        self.not_logged: list[str] = []  # engine ids of requests without a caller
         self.writer = RouteLogWriter(
             config.path, self._meta(vllm_config, routers, top_k), config.max_pending_steps
         )
@@ -159,7 +167,8 @@ class RouteLogger:
         for request in self.requests.values():
             self.writer.put(RequestEnd(request, finished=False))
         self.requests.clear()
-        self.writer.close()
+        self.writer.close(requests_not_logged=len(self.not_logged),
+                          requests_not_logged_ids=self.not_logged[:20])
 
     def _capture(self, slot: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
         # Inside the forward: device copies only (recorded into CUDA graphs).
@@ -171,8 +180,14 @@ class RouteLogger:
 
     def begin_step(self, scheduler_output) -> None:
         for new_req in scheduler_output.scheduled_new_reqs:
-            if new_req.req_id not in self.requests:
-                self.requests[new_req.req_id] = _request_from(new_req)
+            if new_req.req_id in self.requests:
+                continue
+            request = _request_from(new_req)
+            if request is None:
+                self.not_logged.append(new_req.req_id)
+                continue
+            self.requests[new_req.req_id] = request
+            self.writer.put(RequestStart(request))
         for engine_id in scheduler_output.finished_req_ids:
             request = self.requests.pop(engine_id, None)
             if request is not None:
@@ -181,7 +196,9 @@ class RouteLogger:
     def end_forward(self, req_ids, query_start_loc, num_computed_tokens) -> None:
         spans = []
         for i, engine_id in enumerate(req_ids):
-            request = self.requests[engine_id]
+            request = self.requests.get(engine_id)
+            if request is None:
+                continue  # not a caller's request
             start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
             pos = int(num_computed_tokens[i])
             # After a preemption the same positions run again: log each once.
@@ -191,16 +208,19 @@ class RouteLogger:
             request.next_pos = max(request.next_pos, pos + end - start)
             if end - start > skip:
                 spans.append((request.prefix, pos + skip, start + skip, end))
+        if not spans:
+            return
         num_rows = int(query_start_loc[len(req_ids)])
         ids, weights, ready = self._snapshot(num_rows)
         self.writer.put(StepRoutes(ids, weights, ready, spans, self.layers))
 
     def _snapshot(self, num_rows: int):
-        """Copies this step's rows off the device before the next forward reuses them."""
+        """Copies this step's rows off the device before the next forward reuses them:
+        the copy is queued on the same stream, after this forward and before the next."""
         if self.ids.device.type != "cuda":
             return self.ids[:num_rows].clone(), self.weights[:num_rows].clone(), None
-        ids = torch.empty_like(self.ids[:num_rows], device="cpu", pin_memory=True)
-        weights = torch.empty_like(self.weights[:num_rows], device="cpu", pin_memory=True)
+        ids = torch.empty((num_rows, *self.ids.shape[1:]), dtype=torch.int32, pin_memory=True)
+        weights = torch.empty(ids.shape, dtype=torch.float32, pin_memory=True)
         ids.copy_(self.ids[:num_rows], non_blocking=True)
         weights.copy_(self.weights[:num_rows], non_blocking=True)
         ready = torch.cuda.Event()
@@ -229,6 +249,9 @@ class RouteLogger:
             "renormalize": getattr(router, "renormalize", None),
             "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
             "enforce_eager": bool(model.enforce_eager),
+            "cudagraph_mode": str(vllm_config.compilation_config.cudagraph_mode),
+            "model_runner": "v2" if getattr(vllm_config, "use_v2_model_runner", False) else "v1",
+            "async_scheduling": bool(vllm_config.scheduler_config.async_scheduling),
             "tensor_parallel_size": vllm_config.parallel_config.tensor_parallel_size,
             "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
             "weight_decimals": 9,
