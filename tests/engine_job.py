@@ -6,7 +6,8 @@ SPEC: {"model": dir, "engine": {LLM kwargs}, "waves": [[request, ...], ...]}, a 
 being {"id": str, "prompt_token_ids": [...], "sampling": {SamplingParams kwargs}}.
 Each wave after the first is added once the engine has run two more steps, so requests
 join a running batch. OUT: {"outputs": [{"id", "prompt_token_ids", "samples": [...]}],
-"workers": what each worker reports about its route logger}.
+"workers": what each worker reports about its route logger}; each output also carries
+vLLM's own "routed_experts" when the engine was started with enable_return_routed_experts.
 """
 
 import json
@@ -14,12 +15,15 @@ import sys
 
 
 def worker_route_state(worker) -> dict:
-    from vllm.model_executor.layers.fused_moe import route_logger
-    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+    try:
+        from vllm.model_executor.layers.fused_moe import route_logger
+    except ImportError:
+        return {"fork": False}  # stock vLLM, for comparisons
+    from vllm.model_executor.layers.fused_moe.layer import MoERunner
 
     model = worker.model_runner.get_model()
     hooked = [
-        m.route_log_fn is not None for m in model.modules() if isinstance(m, BaseRouter)
+        m.router.route_log_fn is not None for m in model.modules() if isinstance(m, MoERunner)
     ]
     return {"active": route_logger._ACTIVE is not None, "routers": len(hooked), "hooked": sum(hooked)}
 
@@ -54,6 +58,12 @@ def run(spec: dict) -> dict:
             "id": rid,
             "prompt_token_ids": list(out.prompt_token_ids),
             "samples": [list(c.token_ids) for c in sorted(out.outputs, key=lambda c: c.index)],
+            # vLLM's own capture (enable_return_routed_experts), per sample:
+            # [positions, layers, top_k]; on CompletionOutput in 0.26.
+            "routed_experts": [
+                None if getattr(c, "routed_experts", None) is None else c.routed_experts.tolist()
+                for c in sorted(out.outputs, key=lambda c: c.index)
+            ],
         }
         for rid, out in sorted(finished.items())
     ]

@@ -19,7 +19,8 @@ class OracleRoute:
 
 
 class RoutingOracle:
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, tie_gap: float = TIE_GAP):
+        self.tie_gap = tie_gap
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         config = self.model.config
         self.top_k = config.num_experts_per_tok
@@ -55,5 +56,5 @@ class RoutingOracle:
         weights = top[:, : self.top_k]
         if self.normalize:
             weights = weights / weights.sum(axis=1, keepdims=True)
-        tie = (top[:, self.top_k - 1] - top[:, self.top_k]) < TIE_GAP
+        tie = (top[:, self.top_k - 1] - top[:, self.top_k]) < self.tie_gap
         return OracleRoute(order[:, : self.top_k], weights, tie)

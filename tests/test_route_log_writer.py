@@ -29,7 +29,7 @@ def random_step(seed: int, top_k: int, num_experts: int, scale: float = 1.0):
 
 
 def parse(blob: bytes) -> list[dict]:
-    return [json.loads(line) for line in blob.decode().splitlines()]
+    return [json.loads(line) for line in bytes(blob).decode().splitlines()]
 
 
 def plain(ids, weights, spans, layers):
@@ -94,7 +94,8 @@ def test_writer_life_cycle(tmp_path):
     lines = parse(path.read_bytes())
     assert lines[0] == {"type": "meta", "x": 1}
     assert sum(r["type"] == "route" for r in lines) == 5 * 38 * 3
-    assert lines[-2]["type"] == "request" and lines[-2]["routed_positions"] == 7
+    assert lines[-2] == {"type": "request_end", "req_id": "r1", "routed_positions": 7,
+                         "recomputed_positions": 0, "finished": True}
     end = lines[-1]
-    assert (end["type"], end["steps"], end["route_records"], end["requests"]) == ("end", 5, 570, 1)
+    assert (end["type"], end["steps"], end["route_records"], end["requests_ended"]) == ("end", 5, 570, 1)
     assert end["write_error"] is None

@@ -1,0 +1,102 @@
+"""Shared by the CPU and GPU engine tests: workloads, the log reader, and the check
+of a log against the HF oracle."""
+
+import json
+import os
+from collections import Counter
+
+import numpy as np
+
+from conftest import engine_kwargs
+from oracle import TIE_GAP, RoutingOracle
+
+WEIGHT_TOL = 1e-5
+
+
+def prompts(seed: int, lengths: list[int], vocab: int = 1024) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    firsts = rng.permutation(vocab)[: len(lengths)]  # no two prompts share a cache block
+    return [[int(f)] + rng.integers(0, vocab, n - 1).tolist() for f, n in zip(firsts, lengths)]
+
+
+def greedy(max_tokens: int) -> dict:
+    return {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True, "detokenize": False}
+
+
+def top2_spec(model) -> dict:
+    """Mixed waves: the second joins a running batch; lengths force chunked prefill
+    (32-token budget); one parallel-sampling request (n=2)."""
+    p = prompts(0, [5, 23, 40, 71, 12, 50])
+    first = [{"id": f"req-{i}", "prompt_token_ids": p[i], "sampling": greedy(t)} for i, t in enumerate([6, 9, 12, 4])]
+    # No per-request seed: vLLM 0.31 CPU fails seeded sampling under chunked prefill
+    # ("CPU Generator does not use offset"); the engine seed keeps runs alike.
+    sampled = {"temperature": 1.0, "n": 2, "max_tokens": 7, "ignore_eos": True, "detokenize": False}
+    second = [
+        {"id": "late_4", "prompt_token_ids": p[4], "sampling": greedy(8)},
+        {"id": "pair_5", "prompt_token_ids": p[5], "sampling": sampled},
+    ]
+    return {"model": str(model), "engine": engine_kwargs(), "waves": [first, second]}
+
+
+def read_log(path) -> tuple[dict, list[dict], dict[str, list[dict]], dict]:
+    """meta, routes, {"request": [...], "request_end": [...]}, end"""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["type"] == "meta" and lines[-1]["type"] == "end"
+    assert {r["type"] for r in lines[1:-1]} <= {"route", "request", "request_end"}
+    requests = {t: [r for r in lines if r["type"] == t] for t in ("request", "request_end")}
+    return lines[0], [r for r in lines if r["type"] == "route"], requests, lines[-1]
+
+
+def check_against_oracle(
+    run, model_dir, layers: list[int], weight_tol=WEIGHT_TOL, tie_gap=TIE_GAP, max_ties=0.02
+) -> Counter:
+    """Every routed position of every request is logged once per layer and equals the
+    oracle: same experts (unless the oracle's k-th and (k+1)-th probabilities are
+    closer than ``tie_gap``) and weights within ``weight_tol``. Returns the counts and
+    the largest weight error seen (also written to $ROUTE_CHECK_REPORT if set)."""
+    oracle = RoutingOracle(model_dir, tie_gap)
+    _, routes, requests, _ = read_log(run.log)
+    # Prompt positions served from the prefix cache have no routing; the log says how many.
+    cached = {(r["req_id"], r.get("sample", 0)): r["prompt_tokens_cached"] for r in requests["request"]}
+    keys = [(r["req_id"], r.get("sample", 0), r["token_idx"], r["layer"]) for r in routes]
+    assert len(keys) == len(set(keys)), "a (request, position, layer) was logged twice"
+    logged = dict(zip(keys, routes))
+    counts = Counter(max_weight_error=0.0)
+    expected = set()
+    for out in run.result["outputs"]:
+        for sample, generated in enumerate(out["samples"]):
+            tokens = out["prompt_token_ids"] + generated[:-1]  # the last token is never fed back
+            sample_key = sample if len(out["samples"]) > 1 else 0
+            for layer, route in oracle.routes(tokens).items():
+                if layer not in layers:
+                    continue
+                first = cached[(out["id"], sample_key)]
+                assert first < len(out["prompt_token_ids"])
+                for pos in range(first, len(tokens)):
+                    key = (out["id"], sample_key, pos, layer)
+                    expected.add(key)
+                    assert key in logged, f"missing {key}"
+                    counts["compared"] += 1
+                    if route.tie[pos]:
+                        counts["ties"] += 1
+                        continue
+                    got = dict(zip(logged[key]["topk_ids"], logged[key]["topk_weights"]))
+                    want = dict(zip(route.ids[pos].tolist(), route.weights[pos].tolist()))
+                    if set(got) != set(want):
+                        counts["id_mismatches"] += 1
+                        continue
+                    error = max(abs(got[e] - w) for e, w in want.items())
+                    counts["max_weight_error"] = max(counts["max_weight_error"], error)
+    report(run, counts)
+    assert set(logged) == expected, f"unexpected records: {sorted(set(logged) - expected)[:5]}"
+    assert counts["id_mismatches"] == 0, counts
+    assert counts["max_weight_error"] < weight_tol, counts
+    assert counts["ties"] <= max_ties * counts["compared"], counts
+    return counts
+
+
+def report(run, counts: Counter) -> None:
+    path = os.environ.get("ROUTE_CHECK_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"log": str(run.log), **counts}) + "\n")

@@ -1,0 +1,127 @@
+"""The fork on a GPU in vLLM's default mode (V2 runner, torch.compile, CUDA graphs).
+
+Run through the device tool (scripts/device_setup.sh puts the patched vLLM 0.26.0 on
+PYTHONPATH and sets STOCK_VLLM_PYTHONPATH to the unpatched one); skipped without CUDA.
+"""
+
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import engine_kwargs, run_engine
+from route_checks import check_against_oracle, read_log, report, top2_spec
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+ALL = {"VLLM_LOG_MOE_LAYERS": "all"}
+# fp32 on the GPU is not bit-exact with the CPU oracle (cuBLAS may use TF32 for the
+# gate GEMM): weights are held to 2e-3, and ids are compared where the oracle's k-th
+# and (k+1)-th probabilities are at least 2e-3 apart. The measured errors go to
+# $ROUTE_CHECK_REPORT and BENCHMARKS.md.
+GPU_WEIGHT_TOL = GPU_TIE_GAP = 2e-3
+
+
+def gpu_spec(model, **engine):
+    spec = top2_spec(model)
+    spec["engine"] = engine_kwargs(gpu_memory_utilization=0.25, **engine)
+    return spec
+
+
+def greedy_outputs(run) -> list[dict]:
+    return [
+        {"id": o["id"], "samples": o["samples"]} for o in run.result["outputs"] if len(o["samples"]) == 1
+    ]
+
+
+def routes_by_key(run) -> dict:
+    _, routes, _, _ = read_log(run.log)
+    return {(r["req_id"], r.get("sample", 0), r["token_idx"], r["layer"]): r for r in routes}
+
+
+@pytest.fixture(scope="module")
+def runs(models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu")
+    model = models["top2"]
+
+    def start(name, env=None, **engine):
+        log = {"VLLM_LOG_MOE": str(tmp / f"{name}.jsonl"), **ALL} if env is None else env
+        run = run_engine(tmp / name, gpu_spec(model, **engine), log)
+        assert run.returncode == 0, run.output[-4000:]
+        return run
+
+    stock_env = {"PYTHONPATH": os.environ["STOCK_VLLM_PYTHONPATH"]}
+    return {
+        "default": start("default"),
+        "eager": start("eager", enforce_eager=True),
+        # 0.26.0 serves enable_return_routed_experts with the V1 runner only.
+        "capture": start("capture", enable_return_routed_experts=True),
+        "off": start("off", env={}),
+        "stock": start("stock", env=stock_env),
+    }
+
+
+def test_default_mode_is_compiled_with_cuda_graphs_on_v2(runs):
+    meta, routes, _, end = read_log(runs["default"].log)
+    # vLLM's V2 warm-up sends its own requests through execute_model: never logged.
+    assert not [r for r in routes if r["req_id"].startswith("_")]
+    assert end["requests_not_logged"] >= 1 and end["requests"] == 7
+    assert meta["model_runner"] == "v2" and meta["enforce_eager"] is False
+    assert meta["cudagraph_mode"] != "CUDAGraphMode.NONE"
+    capture_meta, *_ = read_log(runs["capture"].log)
+    assert capture_meta["model_runner"] == "v1"
+
+
+@pytest.mark.parametrize("name", ["default", "eager", "capture"])
+def test_every_record_matches_the_oracle(runs, models, name):
+    counts = check_against_oracle(
+        runs[name], models["top2"], [0, 1, 2, 3], GPU_WEIGHT_TOL, GPU_TIE_GAP, max_ties=0.05
+    )
+    assert counts["compared"] > 900  # fewer if the second sample hit the prefix cache
+
+
+def test_default_mode_equals_eager(runs):
+    """Compiled + CUDA graphs vs eager on the greedy requests both runs share: same
+    tokens, ids equal but for rare near-ties (<= 0.2%), weights within the GPU tolerance."""
+    assert greedy_outputs(runs["default"]) == greedy_outputs(runs["eager"])
+    default, eager = routes_by_key(runs["default"]), routes_by_key(runs["eager"])
+    greedy_ids = {o["id"] for o in greedy_outputs(runs["default"])}
+    shared = [k for k in default if k[0] in greedy_ids]
+    assert shared and all(k in eager for k in shared)
+    differ = [k for k in shared if sorted(default[k]["topk_ids"]) != sorted(eager[k]["topk_ids"])]
+    errors = [
+        abs(dict(zip(default[k]["topk_ids"], default[k]["topk_weights"]))[e] - w)
+        for k in shared if k not in differ
+        for e, w in zip(eager[k]["topk_ids"], eager[k]["topk_weights"])
+    ]
+    report(runs["default"], Counter(default_vs_eager_records=len(shared), id_differences=len(differ),
+                                   max_weight_difference=max(errors)))
+    assert len(differ) <= 0.002 * len(shared), differ[:5]
+    assert max(errors) < GPU_WEIGHT_TOL
+
+
+def test_ids_equal_vllms_own_routed_expert_capture(runs):
+    run = runs["capture"]
+    logged = routes_by_key(run)
+    compared = 0
+    for out in run.result["outputs"]:
+        if len(out["samples"]) != 1:
+            continue
+        captured = out["routed_experts"][0]  # [positions, layers, top_k]
+        positions = len(out["prompt_token_ids"]) + len(out["samples"][0]) - 1
+        assert captured is not None and len(captured) >= positions
+        for pos in range(positions):
+            for layer in range(4):
+                record = logged[(out["id"], 0, pos, layer)]
+                assert sorted(record["topk_ids"]) == sorted(captured[pos][layer]), (out["id"], pos, layer)
+                compared += 1
+    assert compared == 740  # every position of the five greedy requests, 4 layers
+
+
+def test_logging_off_gives_stock_tokens(runs):
+    assert greedy_outputs(runs["off"]) == greedy_outputs(runs["stock"])
+    assert greedy_outputs(runs["default"]) == greedy_outputs(runs["stock"])
+    assert runs["off"].result["workers"] == [{"active": False, "routers": 4, "hooked": 0}]
