@@ -1,0 +1,198 @@
+"""Reads a route log (VLLM_LOG_MOE JSONL) in chunks into an expert-load table.
+
+Memory stays bounded by the chunk size plus 8 bytes per distinct routed key (for
+de-duplication), whatever the log's size. The load table has one row per
+(layer, phase, expert): how often the expert was chosen and its summed gate weight.
+"""
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
+
+SCHEMA_VERSIONS = {1}
+PHASES = ("prompt", "generated", "unknown")  # unknown: no 'request' record seen
+CHUNK_BYTES = 64 << 20
+COLUMNS = pa.schema([
+    ("type", pa.string()), ("req_id", pa.string()), ("sample", pa.int64()),
+    ("token_idx", pa.int64()), ("layer", pa.int64()), ("topk_ids", pa.list_(pa.int64())),
+    ("topk_weights", pa.list_(pa.float64())), ("prompt_len", pa.int64()),
+])
+META_FIELDS = ("schema", "model_id", "layers_logged", "num_experts", "top_k")
+
+
+class LogFormatError(ValueError):
+    """The log is not a route log this reader understands; says which line."""
+
+
+@dataclass
+class RouteLog:
+    meta: dict
+    loads: pd.DataFrame  # layer, phase, expert, count, weight
+    tokens: pd.DataFrame  # layer, phase, tokens (distinct routed positions)
+    requests: int = 0  # distinct caller request ids with a 'request' record
+    records: int = 0  # route lines read
+    duplicates: int = 0  # route lines whose (req_id, sample, token_idx, layer) came before
+    truncated_tail: bytes = b""  # an unfinished last line, e.g. after a crash
+    end: dict | None = None  # the closing record, absent if the engine did not shut down
+    notes: list[str] = field(default_factory=list)
+
+
+def read_meta(first_line: bytes) -> dict:
+    try:
+        meta = json.loads(first_line)
+    except ValueError as e:
+        raise LogFormatError(f"line 1: not JSON ({e}); a route log starts with its meta line") from None
+    if not isinstance(meta, dict) or meta.get("type") != "meta":
+        raise LogFormatError("line 1: missing meta header ({\"type\":\"meta\",...})")
+    missing = [f for f in META_FIELDS if f not in meta]
+    if missing:
+        raise LogFormatError(f"line 1: meta header lacks {', '.join(missing)}")
+    if meta["schema"] not in SCHEMA_VERSIONS:
+        raise LogFormatError(f"line 1: schema {meta['schema']} not in {sorted(SCHEMA_VERSIONS)}")
+    return meta
+
+
+def read_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> RouteLog:
+    with open(path, "rb") as f:
+        meta = read_meta(f.readline())
+        reader = _Reader(meta)
+        tail = b""
+        while block := f.read(chunk_bytes):
+            block = tail + block
+            cut = block.rfind(b"\n") + 1
+            block, tail = block[:cut], block[cut:]
+            if block:
+                reader.add(block)
+    return reader.result(tail)
+
+
+class _Reader:
+    def __init__(self, meta: dict):
+        self.meta = meta
+        self.layers = list(meta["layers_logged"])
+        self.num_experts = meta["num_experts"]
+        self.top_k = meta["top_k"]
+        shape = (len(self.layers), len(PHASES), self.num_experts)
+        self.count = np.zeros(shape, np.int64)
+        self.weight = np.zeros(shape, np.float64)
+        self.tokens = np.zeros(shape[:2], np.int64)
+        self.prompt_len: dict[str, int] = {}
+        self.seen = np.empty(0, np.uint64)
+        self.line = 1  # lines consumed so far
+        self.log = RouteLog(meta, pd.DataFrame(), pd.DataFrame())
+
+    def add(self, block: bytes) -> None:
+        lines = block.count(b"\n")
+        try:
+            table = pajson.read_json(
+                io.BytesIO(block),
+                parse_options=pajson.ParseOptions(explicit_schema=COLUMNS, unexpected_field_behavior="ignore"),
+            )
+        except (pa.ArrowInvalid, ValueError):
+            raise self._locate_bad_line(block) from None
+        if table.num_rows != lines:
+            raise self._locate_bad_line(block)
+        kind = table["type"].to_numpy(zero_copy_only=False)
+        for row in np.flatnonzero(kind != "route"):
+            self._other(table.slice(row, 1).to_pylist()[0], block, row)
+        routes = table.filter(pc.equal(table["type"], "route"))
+        if routes.num_rows:
+            self._routes(routes, np.flatnonzero(kind == "route"))
+        self.line += lines
+
+    def _other(self, record: dict, block: bytes, row: int) -> None:
+        kind = record["type"]
+        if kind == "request":
+            self.prompt_len[record["req_id"]] = record["prompt_len"]
+        elif kind == "end":
+            self.log.end = json.loads(block.split(b"\n")[row])
+        elif kind not in ("request_end",):
+            raise LogFormatError(f"line {self.line + row + 1}: unknown record type {kind!r}")
+
+    def _routes(self, routes: pa.Table, rows: np.ndarray) -> None:
+        for name in ("req_id", "token_idx", "layer", "topk_ids", "topk_weights"):
+            if routes[name].null_count:
+                bad = rows[np.flatnonzero(routes[name].is_null().to_numpy(zero_copy_only=False))[0]]
+                raise LogFormatError(f"line {self.line + bad + 1}: route record without {name}")
+        sizes = pc.list_value_length(routes["topk_ids"]).to_numpy()
+        wsizes = pc.list_value_length(routes["topk_weights"]).to_numpy()
+        if (sizes != self.top_k).any() or (wsizes != self.top_k).any():
+            bad = rows[np.flatnonzero((sizes != self.top_k) | (wsizes != self.top_k))[0]]
+            raise LogFormatError(f"line {self.line + bad + 1}: expected top_k={self.top_k} ids and weights")
+        layer = routes["layer"].to_numpy()
+        slot = np.searchsorted(self.layers, layer)
+        slot_ok = (slot < len(self.layers)) & (np.asarray(self.layers)[np.minimum(slot, len(self.layers) - 1)] == layer)
+        ids = pc.list_flatten(routes["topk_ids"]).to_numpy().reshape(-1, self.top_k)
+        ok = slot_ok & (ids >= 0).all(1) & (ids < self.num_experts).all(1)
+        if not ok.all():
+            bad = rows[np.flatnonzero(~ok)[0]]
+            raise LogFormatError(f"line {self.line + bad + 1}: layer or expert id outside the meta header's")
+        weights = pc.list_flatten(routes["topk_weights"]).to_numpy(zero_copy_only=False).reshape(-1, self.top_k)
+        token_idx = routes["token_idx"].to_numpy()
+        # A chunk holds few distinct requests: work on their ids, then index per row.
+        encoded = pc.dictionary_encode(routes["req_id"]).combine_chunks()
+        names, row_req = encoded.dictionary, encoded.indices.to_numpy()
+        fresh = self._first_sightings(names, row_req, routes["sample"], token_idx, layer)
+        self.log.records += len(layer)
+        self.log.duplicates += int((~fresh).sum())
+        phase = self._phases(names, row_req, token_idx)
+        slot, phase, ids, weights = slot[fresh], phase[fresh], ids[fresh], weights[fresh]
+        cell = (slot * len(PHASES) + phase)[:, None] * self.num_experts + ids
+        size = self.count.size
+        self.count += np.bincount(cell.ravel(), minlength=size).reshape(self.count.shape)
+        self.weight += np.bincount(cell.ravel(), np.nan_to_num(weights).ravel(), size).reshape(self.weight.shape)
+        self.tokens += np.bincount(slot * len(PHASES) + phase, minlength=self.tokens.size).reshape(self.tokens.shape)
+
+    def _first_sightings(self, names, row_req, sample, token_idx, layer) -> np.ndarray:
+        """True for (req_id, sample, token_idx, layer) keys not seen before (64-bit hashes)."""
+        req = pd.util.hash_array(names.to_numpy(zero_copy_only=False))[row_req]
+        sample = sample.fill_null(0).to_numpy().astype(np.uint64)
+        key = req ^ (token_idx.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        key ^= (layer.astype(np.uint64) << np.uint64(48)) ^ (sample << np.uint64(40))
+        _, first = np.unique(key, return_index=True)
+        fresh = np.zeros(len(key), bool)
+        fresh[first] = True
+        fresh &= ~np.isin(key, self.seen)
+        self.seen = np.union1d(self.seen, key[fresh])
+        return fresh
+
+    def _phases(self, names, row_req, token_idx) -> np.ndarray:
+        """0 prompt, 1 generated, 2 unknown (no 'request' record seen for the id)."""
+        prompt_len = np.array([self.prompt_len.get(n, -1) for n in names.to_pylist()], np.int64)[row_req]
+        return np.where(prompt_len < 0, 2, (token_idx >= prompt_len).astype(np.int64))
+
+    def _locate_bad_line(self, block: bytes) -> LogFormatError:
+        for i, line in enumerate(block.split(b"\n")[:-1]):
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                return LogFormatError(f"line {self.line + i + 1}: not valid JSON ({e})")
+            if not isinstance(record, dict) or "type" not in record:
+                return LogFormatError(f"line {self.line + i + 1}: not a record with a 'type'")
+        last = self.line + block.count(b"\n")
+        return LogFormatError(f"lines {self.line + 1}-{last}: unreadable")
+
+    def result(self, tail: bytes) -> RouteLog:
+        log = self.log
+        log.requests = len(self.prompt_len)
+        log.truncated_tail = tail
+        if tail:
+            log.notes.append(f"the last line is unfinished ({len(tail)} bytes) and was skipped")
+        if log.end is None:
+            log.notes.append("no 'end' record: the engine did not shut down cleanly")
+        if log.duplicates:
+            log.notes.append(f"{log.duplicates} repeated route records were counted once")
+        index = pd.MultiIndex.from_product([self.layers, PHASES, range(self.num_experts)],
+                                           names=["layer", "phase", "expert"])
+        log.loads = pd.DataFrame({"count": self.count.ravel(), "weight": self.weight.ravel()},
+                                 index=index).reset_index()
+        tokens_index = pd.MultiIndex.from_product([self.layers, PHASES], names=["layer", "phase"])
+        log.tokens = pd.DataFrame({"tokens": self.tokens.ravel()}, index=tokens_index).reset_index()
+        return log

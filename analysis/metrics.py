@@ -1,0 +1,90 @@
+"""Routing statistics: pure functions over the expert-load table of logfile.read_log
+(columns layer, phase, expert, count, weight)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis.logfile import RouteLog
+
+
+def expert_shares(loads: pd.DataFrame, layer: int, phases=None, weighted: bool = False) -> pd.Series:
+    """Each expert's share of the layer's selections (or of its summed gate weight),
+    every expert present, summing to 1; all NaN if nothing was routed."""
+    rows = loads[loads["layer"] == layer]
+    if phases is not None:
+        rows = rows[rows["phase"].isin([phases] if isinstance(phases, str) else phases)]
+    totals = rows.groupby("expert")["weight" if weighted else "count"].sum().astype(float)
+    return totals / totals.sum() if totals.sum() > 0 else totals * np.nan
+
+
+def entropy_bits(shares: pd.Series) -> float:
+    p = shares[shares > 0].to_numpy()
+    return float(-(p * np.log2(p)).sum()) if len(p) else math.nan
+
+
+def distribution_stats(shares: pd.Series) -> dict:
+    """Top-3, entropy (bits and / log2(num_experts)), max/mean load, coefficient of variation."""
+    num_experts = len(shares)
+    if shares.isna().all():
+        return {"top3": [], "entropy_bits": math.nan, "entropy_norm": math.nan,
+                "max_over_mean": math.nan, "cv": math.nan, "unused_experts": num_experts}
+    top = shares.sort_values(ascending=False, kind="stable").head(3)
+    entropy = entropy_bits(shares)
+    mean = 1.0 / num_experts
+    return {
+        "top3": [{"expert": int(e), "share": float(s)} for e, s in top.items()],
+        "entropy_bits": entropy,
+        "entropy_norm": entropy / math.log2(num_experts) if num_experts > 1 else math.nan,
+        "max_over_mean": float(shares.max() / mean),
+        "cv": float(shares.std(ddof=0) / mean),
+        "unused_experts": int((shares == 0).sum()),
+    }
+
+
+def layer_stats(log: RouteLog, layer: int, weighted: bool = False) -> dict:
+    """One layer: the distribution over all tokens, then prompt and generated apart."""
+    tokens = log.tokens[log.tokens["layer"] == layer].set_index("phase")["tokens"]
+    shares = expert_shares(log.loads, layer, weighted=weighted)
+    out = {"layer": layer, "tokens": int(tokens.sum()), "weighted": weighted,
+           **distribution_stats(shares), "shares": [float(s) for s in shares]}
+    for phase in ("prompt", "generated"):
+        phase_shares = expert_shares(log.loads, layer, phase, weighted)
+        out[phase] = {"tokens": int(tokens.get(phase, 0)), **distribution_stats(phase_shares)}
+    if tokens.get("unknown", 0):
+        out["unknown_phase_tokens"] = int(tokens["unknown"])
+    return out
+
+
+def interpretation(stats: dict) -> str:
+    if not stats["top3"]:
+        return "Nothing was routed in this layer."
+    top = stats["top3"][0]
+    if stats["max_over_mean"] >= 2 or stats["entropy_norm"] < 0.85:
+        return (f"Routing is concentrated: expert {top['expert']} takes "
+                f"{stats['max_over_mean']:.1f}x its uniform share, so a few experts carry much of the load.")
+    if stats["max_over_mean"] <= 1.25 and stats["entropy_norm"] >= 0.98:
+        return "Routing is close to uniform: no expert is favoured much over the others."
+    return (f"Routing is mildly uneven: the busiest expert ({top['expert']}) takes "
+            f"{stats['max_over_mean']:.2f}x its uniform share.")
+
+
+def analysis_note(log: RouteLog, layer: int) -> str:
+    """The 5-8 line plain-language note the README carries."""
+    s = layer_stats(log, layer)
+    num_experts = log.meta["num_experts"]
+    top3 = ", ".join(f"expert {t['expert']} ({t['share']:.1%})" for t in s["top3"])
+    low = min(s["shares"])
+    return "\n".join([
+        f"- Model {log.meta['model_id']}, layer {layer}: {s['tokens']} routed tokens from "
+        f"{log.requests} requests, top-{log.meta['top_k']} of {num_experts} experts.",
+        f"- Top-3 experts by selections: {top3} (uniform share {1 / num_experts:.1%}).",
+        f"- Distribution: shares range from {low:.1%} to {max(s['shares']):.1%}; "
+        f"{s['unused_experts']} experts never chosen; coefficient of variation {s['cv']:.2f}.",
+        f"- Entropy {s['entropy_bits']:.2f} bits of {math.log2(num_experts):.2f} possible "
+        f"(normalised {s['entropy_norm']:.3f}); max/mean load {s['max_over_mean']:.2f}.",
+        f"- Prompt vs generated tokens: normalised entropy {s['prompt']['entropy_norm']:.3f} vs "
+        f"{s['generated']['entropy_norm']:.3f}.",
+        f"- {interpretation(s)}",
+    ])

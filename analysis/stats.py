@@ -1,0 +1,81 @@
+"""Routing statistics of a route log, per logged layer.
+
+    python -m analysis.stats LOG [--layer N] [--weighted] [--json] [--note]
+"""
+
+import argparse
+import json
+import sys
+
+from analysis.logfile import LogFormatError, read_log
+from analysis.metrics import analysis_note, layer_stats
+
+
+def report(log, layers: list[int], weighted: bool) -> dict:
+    return {
+        "model_id": log.meta["model_id"],
+        "num_experts": log.meta["num_experts"],
+        "top_k": log.meta["top_k"],
+        "requests": log.requests,
+        "route_records": log.records,
+        "duplicates": log.duplicates,
+        "complete": log.end is not None and not log.truncated_tail,
+        "notes": log.notes,
+        "layers": [layer_stats(log, layer, weighted) for layer in layers],
+    }
+
+
+def format_text(rep: dict) -> str:
+    lines = [f"{rep['model_id']}: {rep['requests']} requests, {rep['route_records']} route records, "
+             f"top-{rep['top_k']} of {rep['num_experts']} experts"]
+    lines += [f"note: {n}" for n in rep["notes"]]
+    for s in rep["layers"]:
+        top3 = ", ".join(f"{t['expert']} ({t['share']:.1%})" for t in s["top3"])
+        lines += [
+            "",
+            f"layer {s['layer']} ({'gate-weight' if s['weighted'] else 'selection'} shares, {s['tokens']} tokens)",
+            f"  top-3 experts      {top3}",
+            f"  entropy            {s['entropy_bits']:.3f} bits, normalised {s['entropy_norm']:.3f}",
+            f"  max/mean load      {s['max_over_mean']:.2f}   cv {s['cv']:.3f}   unused {s['unused_experts']}",
+        ]
+        for phase in ("prompt", "generated"):
+            p = s[phase]
+            lines.append(f"  {phase:<10} {p['tokens']:>7} tokens  entropy_norm {p['entropy_norm']:.3f}  "
+                         f"max/mean {p['max_over_mean']:.2f}  cv {p['cv']:.3f}")
+        shares = s["shares"]
+        lines.append("  shares by expert")
+        for start in range(0, len(shares), 10):
+            row = "  ".join(f"{start + i:>3}:{v:6.2%}" for i, v in enumerate(shares[start:start + 10]))
+            lines.append(f"    {row}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Routing statistics of a VLLM_LOG_MOE log")
+    parser.add_argument("log")
+    parser.add_argument("--layer", type=int, action="append", help="a logged layer (repeatable; default all)")
+    parser.add_argument("--weighted", action="store_true", help="shares of summed gate weight, not of selections")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--note", action="store_true", help="only the README analysis note (first layer asked)")
+    args = parser.parse_args(argv)
+    try:
+        log = read_log(args.log)
+    except (LogFormatError, OSError) as e:
+        print(f"{args.log}: {e}", file=sys.stderr)
+        return 2
+    layers = args.layer or log.meta["layers_logged"]
+    unknown = [layer for layer in layers if layer not in log.meta["layers_logged"]]
+    if unknown:
+        print(f"layer(s) {unknown} not in the log; logged: {log.meta['layers_logged']}", file=sys.stderr)
+        return 2
+    if args.note:
+        note = analysis_note(log, layers[0])
+        print(json.dumps({"layer": layers[0], "note": note}) if args.json else note)
+        return 0
+    rep = report(log, layers, args.weighted)
+    print(json.dumps(rep, indent=1) if args.json else format_text(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Analysis at scale: generate a synthetic route log, then time `analysis.stats` on it.
+
+    python benchmarks/bench_analysis.py --records 10000000 --log /tmp/big.jsonl
+
+The log is written with the fork's own renderer (route_log_writer.render_routes), so its
+lines are byte-for-byte what the engine writes: 24 layers, top-4 of 60 experts, requests
+of 100 prompt + 128 generated positions, skewed expert popularity. The analysis runs in a
+fresh process whose peak RSS is read from the kernel (ru_maxrss), together with its wall time.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+LAYERS, EXPERTS, TOP_K, PROMPT, GENERATED = 24, 60, 4, 100, 128
+
+
+def generate(path: Path, records: int, seed: int = 0) -> int:
+    from vllm.model_executor.layers.fused_moe.route_log_writer import render_routes
+
+    rng = np.random.default_rng(seed)
+    popularity = rng.dirichlet(np.full(EXPERTS, 0.5))
+    positions = PROMPT + GENERATED
+    requests = -(-records // (LAYERS * positions))
+    meta = {"type": "meta", "schema": 1, "model_id": "synthetic", "layers_logged": list(range(LAYERS)),
+            "moe_layers": list(range(LAYERS)), "num_layers": LAYERS, "num_experts": EXPERTS, "top_k": TOP_K}
+    written = 0
+    batch = 32  # requests rendered together
+    with open(path, "wb") as f:
+        f.write(json.dumps(meta).encode() + b"\n")
+        for first in range(0, requests, batch):
+            names = [f"req-{r}" for r in range(first, min(first + batch, requests))]
+            for name in names:
+                f.write(json.dumps({"type": "request", "req_id": name, "prompt_len": PROMPT,
+                                    "prompt_tokens_cached": 0}).encode() + b"\n")
+            rows = len(names) * positions
+            # Gumbel top-k: the k largest of log(popularity) + Gumbel noise are a draw
+            # of k distinct experts without replacement, weighted by popularity.
+            scores = np.log(popularity) + rng.gumbel(size=(rows, LAYERS, EXPERTS)).astype(np.float32)
+            ids = np.argpartition(-scores, TOP_K, axis=2)[:, :, :TOP_K].astype(np.int32)
+            raw = rng.random((rows, LAYERS, TOP_K), dtype=np.float32) + 0.05
+            weights = raw / raw.sum(axis=2, keepdims=True)
+            spans = [(f'"req_id":"{n}",'.encode(), 0, i * positions, (i + 1) * positions)
+                     for i, n in enumerate(names)]
+            f.write(render_routes(ids, weights, spans, list(range(LAYERS))))
+            written += rows * LAYERS
+        f.write(json.dumps({"type": "end", "route_records": written}).encode() + b"\n")
+    return written
+
+
+def measure(path: Path) -> dict:
+    """Runs the stats CLI in a fresh process; returns its wall time and peak RSS."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "analysis.stats", str(path), "--json"],
+                          capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t0
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    report = json.loads(proc.stdout)
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak_kib / 1024), "records": report["route_records"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=10_000_000)
+    parser.add_argument("--log", type=Path, default=Path("/tmp/route_log_10m.jsonl"))
+    parser.add_argument("--keep", action="store_true", help="keep an existing log of that name")
+    args = parser.parse_args()
+    if not (args.keep and args.log.exists()):
+        t0 = time.perf_counter()
+        written = generate(args.log, args.records)
+        print(f"generated {written} route records, {args.log.stat().st_size / 1e9:.2f} GB "
+              f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(json.dumps({"log_gb": round(args.log.stat().st_size / 1e9, 2), **measure(args.log)}))
+
+
+if __name__ == "__main__":
+    main()

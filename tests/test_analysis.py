@@ -1,0 +1,142 @@
+"""analysis/: metrics with known answers on synthetic logs, reader robustness, CLIs."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from analysis import plot, stats
+from analysis.logfile import LogFormatError, read_log
+from analysis.metrics import analysis_note, expert_shares, layer_stats
+
+
+def meta(num_experts=8, top_k=2, layers=(0,)):
+    return {"type": "meta", "schema": 1, "model_id": "tiny", "layers_logged": list(layers),
+            "num_experts": num_experts, "top_k": top_k}
+
+
+def write_log(path, header, requests, routes, end=True):
+    """requests: {req_id: prompt_len}; routes: (req_id, token_idx, layer, ids, weights)."""
+    lines = [header] + [{"type": "request", "req_id": r, "engine_req_id": f"{r}-0", "prompt_len": p,
+                         "prompt_tokens_cached": 0} for r, p in requests.items()]
+    lines += [{"type": "route", "req_id": r, "token_idx": t, "layer": layer, "topk_ids": list(i),
+               "topk_weights": list(w)} for r, t, layer, i, w in routes]
+    if end:
+        lines.append({"type": "end", "route_records": len(routes)})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_uniform(tmp_path):
+    routes = [("a", t, 0, (2 * t % 8, (2 * t + 1) % 8), (0.5, 0.5)) for t in range(8)]
+    log = read_log(write_log(tmp_path / "u.jsonl", meta(), {"a": 4}, routes))
+    s = layer_stats(log, 0)
+    assert s["shares"] == [0.125] * 8
+    assert (s["entropy_bits"], s["entropy_norm"], s["max_over_mean"], s["cv"]) == (3.0, 1.0, 1.0, 0.0)
+    assert s["tokens"] == 8 and s["prompt"]["tokens"] == 4 and s["generated"]["tokens"] == 4
+
+
+def test_one_hot(tmp_path):
+    routes = [("a", t, 0, (3,), (1.0,)) for t in range(5)]
+    log = read_log(write_log(tmp_path / "o.jsonl", meta(top_k=1), {"a": 5}, routes))
+    s = layer_stats(log, 0)
+    assert s["top3"][0] == {"expert": 3, "share": 1.0}
+    assert s["entropy_bits"] == 0 and s["max_over_mean"] == 8
+    assert s["cv"] == pytest.approx(math.sqrt(7)) and s["unused_experts"] == 7
+
+
+def test_known_skew_counts_and_weights(tmp_path):
+    chosen = [0, 0, 0, 0, 1, 1, 2, 3]
+    weights = [0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.6, 0.6]
+    routes = [("a", t, 0, (e,), (w,)) for t, (e, w) in enumerate(zip(chosen, weights))]
+    log = read_log(write_log(tmp_path / "s.jsonl", meta(num_experts=4, top_k=1), {"a": 8}, routes))
+    s = layer_stats(log, 0)
+    assert s["shares"] == [0.5, 0.25, 0.125, 0.125]
+    assert s["entropy_bits"] == pytest.approx(1.75) and s["entropy_norm"] == pytest.approx(0.875)
+    assert s["max_over_mean"] == 2.0 and [t["expert"] for t in s["top3"]] == [0, 1, 2]
+    weighted = expert_shares(log.loads, 0, weighted=True)
+    assert weighted.to_numpy() == pytest.approx(np.array([0.4, 1.8, 0.6, 0.6]) / 3.4)
+
+
+def test_prompt_and_generated_apart_and_layers_apart(tmp_path):
+    routes = [("a", t, layer, (0 if t < 3 else 1, 2 + layer), (0.6, 0.4)) for t in range(6) for layer in (0, 5)]
+    routes += [("b", 0, 0, (7, 6), (0.5, 0.5))]  # no 'request' record: phase unknown
+    log = read_log(write_log(tmp_path / "p.jsonl", meta(layers=(0, 5)), {"a": 3}, routes))
+    prompt = expert_shares(log.loads, 0, "prompt")
+    generated = expert_shares(log.loads, 0, "generated")
+    assert prompt[0] == 0.5 and prompt[2] == 0.5 and generated[1] == 0.5 and generated[2] == 0.5
+    assert expert_shares(log.loads, 5)[7] == 0.5 * 0 + 0.5  # layer 5: experts 0/1 and 7
+    assert layer_stats(log, 0)["unknown_phase_tokens"] == 1
+
+
+def test_repeated_lines_count_once_across_chunks(tmp_path):
+    routes = [("a", t, 0, (t % 8, (t + 1) % 8), (0.5, 0.5)) for t in range(40)]
+    routes += routes[5:9] + [("a", 3, 0, (0, 1), (0.5, 0.5))]
+    path = write_log(tmp_path / "d.jsonl", meta(), {"a": 10}, routes)
+    for chunk in (150, 1 << 20):
+        log = read_log(path, chunk_bytes=chunk)
+        assert (log.records, log.duplicates) == (45, 5)
+        assert layer_stats(log, 0)["tokens"] == 40
+        assert layer_stats(log, 0)["shares"] == [0.125] * 8
+
+
+def test_truncated_last_line_is_reported_not_fatal(tmp_path):
+    routes = [("a", t, 0, (t % 8, (t + 3) % 8), (0.5, 0.5)) for t in range(16)]
+    path = write_log(tmp_path / "t.jsonl", meta(), {"a": 8}, routes, end=False)
+    data = path.read_bytes()
+    path.write_bytes(data[:-30])
+    log = read_log(path, chunk_bytes=200)
+    assert log.records == 15 and len(log.truncated_tail) > 0 and log.end is None
+    assert any("unfinished" in n for n in log.notes) and any("did not shut down" in n for n in log.notes)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda lines: lines[:4] + ["{not json"] + lines[4:], "line 5: not valid JSON"),
+        (lambda lines: lines[1:], "line 1: missing meta header"),
+        (lambda lines: ["[]"] + lines[1:], "line 1: missing meta header"),
+        (lambda lines: [lines[0].replace('"schema": 1', '"schema": 9')] + lines[1:], "schema 9"),
+        (lambda lines: lines[:3] + ['{"type": "route", "req_id": "a", "layer": 0, "topk_ids": [1, 2], '
+                                    '"topk_weights": [0.5, 0.5]}'] + lines[3:], "line 4: route record without token_idx"),
+        (lambda lines: lines[:3] + ['{"type": "route", "req_id": "a", "token_idx": 0, "layer": 0, '
+                                    '"topk_ids": [1], "topk_weights": [0.5]}'] + lines[3:], "line 4: expected top_k=2"),
+        (lambda lines: lines[:3] + ['{"type": "route", "req_id": "a", "token_idx": 0, "layer": 3, '
+                                    '"topk_ids": [1, 2], "topk_weights": [0.5, 0.5]}'] + lines[3:], "line 4: layer or expert"),
+        (lambda lines: lines[:3] + ['{"type": "weird"}'] + lines[3:], "line 4: unknown record type"),
+    ],
+)
+def test_malformed_logs_name_the_line(tmp_path, corrupt, message):
+    routes = [("a", t, 0, (t % 8, (t + 1) % 8), (0.5, 0.5)) for t in range(6)]
+    path = write_log(tmp_path / "m.jsonl", meta(), {"a": 2}, routes)
+    path.write_text("\n".join(corrupt(path.read_text().splitlines())) + "\n")
+    with pytest.raises(LogFormatError, match=message):
+        read_log(path, chunk_bytes=180)
+
+
+def test_note_and_cli(tmp_path, capsys):
+    routes = [("a", t, layer, (t % 3, 3 + t % 5), (0.7, 0.3)) for t in range(30) for layer in (0, 1)]
+    path = write_log(tmp_path / "c.jsonl", meta(layers=(0, 1)), {"a": 12}, routes)
+    note = analysis_note(read_log(path), 0)
+    assert 5 <= len(note.splitlines()) <= 8 and "Top-3 experts" in note and "Entropy" in note
+    assert stats.main([str(path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [s["layer"] for s in rep["layers"]] == [0, 1] and rep["complete"] is True
+    assert sum(rep["layers"][0]["shares"]) == pytest.approx(1.0)
+    assert stats.main([str(path), "--note", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["note"] == note
+    assert stats.main([str(path), "--layer", "4"]) == 2
+    out = tmp_path / "hist.png"
+    assert plot.main([str(path), "-o", str(out), "--sort", "--weighted", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["files"] == [str(out), str(tmp_path / "hist_layers.png")]
+    for png in printed["files"]:
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_reports_a_bad_log_without_a_traceback(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"type": "route"}\n')
+    assert stats.main([str(path)]) == 2 and plot.main([str(path), "-o", str(tmp_path / "x.png")]) == 2
+    assert "line 1: missing meta header" in capsys.readouterr().err
