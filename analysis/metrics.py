@@ -2,11 +2,19 @@
 (columns layer, phase, expert, count, weight)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from analysis.logfile import RouteLog
+
+
+def short_name(model_id: str) -> str:
+    """Hub ids ("org/name") stay as they are; a local checkpoint path is shown by its
+    last two parts."""
+    local = model_id.startswith(("/", ".")) or model_id.count("/") > 1
+    return "/".join(Path(model_id).parts[-2:]) if local else model_id
 
 
 def expert_shares(loads: pd.DataFrame, layer: int, phases=None, weighted: bool = False) -> pd.Series:
@@ -77,7 +85,7 @@ def analysis_note(log: RouteLog, layer: int) -> str:
     top3 = ", ".join(f"expert {t['expert']} ({t['share']:.1%})" for t in s["top3"])
     low = min(s["shares"])
     return "\n".join([
-        f"- Model {log.meta['model_id']}, layer {layer}: {s['tokens']} routed tokens from "
+        f"- Model {short_name(log.meta['model_id'])}, layer {layer}: {s['tokens']} routed tokens from "
         f"{log.requests} requests, top-{log.meta['top_k']} of {num_experts} experts.",
         f"- Top-3 experts by selections: {top3} (uniform share {1 / num_experts:.1%}).",
         f"- Distribution: shares range from {low:.1%} to {max(s['shares']):.1%}; "

@@ -12,12 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.logfile import LogFormatError, read_log
-from analysis.metrics import expert_shares, layer_stats
-
-
-def short_name(model_id: str) -> str:
-    """Hub ids stay as they are; a local checkpoint path is shown by its last two parts."""
-    return "/".join(Path(model_id).parts[-2:]) if model_id.startswith("/") else model_id
+from analysis.metrics import expert_shares, layer_stats, short_name
 
 
 def draw_histogram(shares, stats: dict, title: str, path: Path, weighted: bool, sort: bool) -> None:

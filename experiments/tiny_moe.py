@@ -46,6 +46,8 @@ class TinyMoE:
 
 
 TOP2 = TinyMoE("top2", top_k=2, num_experts=8, norm_topk_prob=False)
+# --demo: Qwen1.5-MoE's tokenizer (vocabulary) and routing style (top-4, no renormalising).
+DEMO = TinyMoE("demo", top_k=4, num_experts=16, norm_topk_prob=False, vocab_size=151936, seed=2)
 TOP4_NORM = TinyMoE("top4-norm", top_k=4, num_experts=16, norm_topk_prob=True, mlp_only_layers=(1,), seed=1)
 
 
