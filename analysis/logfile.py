@@ -84,7 +84,7 @@ class _Reader:
         self.weight = np.zeros(shape, np.float64)
         self.tokens = np.zeros(shape[:2], np.int64)
         self.prompt_len: dict[str, int] = {}
-        self.seen = np.empty(0, np.uint64)
+        self.seen = np.empty(0, np.uint64)  # sorted keys of every route counted so far
         self.line = 1  # lines consumed so far
         self.log = RouteLog(meta, pd.DataFrame(), pd.DataFrame())
 
@@ -156,11 +156,17 @@ class _Reader:
         sample = sample.fill_null(0).to_numpy().astype(np.uint64)
         key = req ^ (token_idx.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
         key ^= (layer.astype(np.uint64) << np.uint64(48)) ^ (sample << np.uint64(40))
-        _, first = np.unique(key, return_index=True)
-        fresh = np.zeros(len(key), bool)
-        fresh[first] = True
-        fresh &= ~np.isin(key, self.seen)
-        self.seen = np.union1d(self.seen, key[fresh])
+        order = np.argsort(key, kind="stable")  # radix sort for integers
+        ordered = key[order]
+        first = np.ones(len(key), bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        if len(self.seen):
+            at = np.minimum(np.searchsorted(self.seen, ordered), len(self.seen) - 1)
+            first &= self.seen[at] != ordered
+        fresh_sorted = first
+        self.seen = np.sort(np.concatenate([self.seen, ordered[fresh_sorted]]), kind="stable")
+        fresh = np.empty(len(key), bool)
+        fresh[order] = fresh_sorted
         return fresh
 
     def _phases(self, names, row_req, token_idx) -> np.ndarray:
