@@ -1,15 +1,17 @@
 """The fork is a delta: our modules plus one patch per pinned vLLM release."""
 
 import filecmp
+import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "fork"))
-import build  # noqa: E402
+# By file, not via sys.path: fork/vllm/ would shadow the installed vllm package.
+_spec = importlib.util.spec_from_file_location("fork_build", ROOT / "fork" / "build.py")
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 
 
 @pytest.mark.parametrize("version", sorted(build.UPSTREAM))
