@@ -7,6 +7,7 @@ de-duplication), whatever the log's size. The load table has one row per
 
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,25 @@ def read_meta(first_line: bytes) -> dict:
     if meta["schema"] not in SCHEMA_VERSIONS:
         raise LogFormatError(f"line 1: schema {meta['schema']} not in {sorted(SCHEMA_VERSIONS)}")
     return meta
+
+
+def read_for_cli(path: str, layers: list[int] | None) -> tuple[RouteLog, list[int]]:
+    """read_log for the command-line shells: a bad log or an unlogged layer becomes one
+    line on stderr and exit status 2. Returns the log and the layers asked (default all)."""
+    try:
+        log = read_log(path)
+    except (LogFormatError, OSError) as e:
+        _exit_with(f"{path}: {e}")
+    logged = log.meta["layers_logged"]
+    unknown = [layer for layer in layers or [] if layer not in logged]
+    if unknown:
+        _exit_with(f"layer(s) {unknown} not in the log; logged: {logged}")
+    return log, layers or logged
+
+
+def _exit_with(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(2)
 
 
 def read_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> RouteLog:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.logfile import LogFormatError, read_log
+from analysis.logfile import read_for_cli
 from analysis.metrics import expert_shares, layer_stats, short_name
 
 
@@ -95,16 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sort", action="store_true", help="order experts by share")
     parser.add_argument("--json", action="store_true", help="print the plotted shares as JSON")
     args = parser.parse_args(argv)
-    try:
-        log = read_log(args.log)
-    except (LogFormatError, OSError) as e:
-        print(f"{args.log}: {e}", file=sys.stderr)
-        return 2
-    layers = log.meta["layers_logged"]
-    layer = layers[0] if args.layer is None else args.layer
-    if layer not in layers:
-        print(f"layer {layer} not in the log; logged: {layers}", file=sys.stderr)
-        return 2
+    log, (layer, *_) = read_for_cli(args.log, None if args.layer is None else [args.layer])
     written = write_plots(log, layer, Path(args.output), args.weighted, args.sort)
     shares = expert_shares(log.loads, layer, weighted=args.weighted)
     stats = layer_stats(log, layer, args.weighted)

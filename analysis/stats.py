@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from analysis.logfile import LogFormatError, read_log
+from analysis.logfile import read_for_cli
 from analysis.metrics import analysis_note, layer_stats
 
 
@@ -58,16 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--note", action="store_true", help="only the README analysis note (first layer asked)")
     args = parser.parse_args(argv)
-    try:
-        log = read_log(args.log)
-    except (LogFormatError, OSError) as e:
-        print(f"{args.log}: {e}", file=sys.stderr)
-        return 2
-    layers = args.layer or log.meta["layers_logged"]
-    unknown = [layer for layer in layers if layer not in log.meta["layers_logged"]]
-    if unknown:
-        print(f"layer(s) {unknown} not in the log; logged: {log.meta['layers_logged']}", file=sys.stderr)
-        return 2
+    log, layers = read_for_cli(args.log, args.layer)
     if args.note:
         note = analysis_note(log, layers[0])
         print(json.dumps({"layer": layers[0], "note": note}) if args.json else note)

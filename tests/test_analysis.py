@@ -126,7 +126,8 @@ def test_note_and_cli(tmp_path, capsys):
     assert sum(rep["layers"][0]["shares"]) == pytest.approx(1.0)
     assert stats.main([str(path), "--note", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["note"] == note
-    assert stats.main([str(path), "--layer", "4"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        stats.main([str(path), "--layer", "4"])
     out = tmp_path / "hist.png"
     assert plot.main([str(path), "-o", str(out), "--sort", "--weighted", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -138,5 +139,7 @@ def test_note_and_cli(tmp_path, capsys):
 def test_cli_reports_a_bad_log_without_a_traceback(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"type": "route"}\n')
-    assert stats.main([str(path)]) == 2 and plot.main([str(path), "-o", str(tmp_path / "x.png")]) == 2
-    assert "line 1: missing meta header" in capsys.readouterr().err
+    for cli, args in ((stats, []), (plot, ["-o", str(tmp_path / "x.png")])):
+        with pytest.raises(SystemExit, match="2"):
+            cli.main([str(path), *args])
+    assert capsys.readouterr().err.count("line 1: missing meta header") == 2
