@@ -11,10 +11,19 @@ from route_checks import check_against_oracle, greedy, prompts, read_log, top2_s
 pytestmark = pytest.mark.engine
 
 
+def with_repeated_prompt(spec: dict) -> dict:
+    """The same 200-token prompt early and again in a last wave: the repeat's first
+    128-token block comes from the prefix cache (CPU block size), skipping the forward."""
+    (long_prompt,) = prompts(3, [200])
+    spec["waves"][0].append({"id": "rep-a", "prompt_token_ids": long_prompt, "sampling": greedy(5)})
+    spec["waves"].append([{"id": "rep-b", "prompt_token_ids": long_prompt, "sampling": greedy(5)}])
+    return spec
+
+
 @pytest.fixture(scope="module")
 def top2(models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("top2")
-    spec = top2_spec(models["top2"])
+    spec = with_repeated_prompt(top2_spec(models["top2"]))
     on = run_engine(tmp / "on", spec, {"VLLM_LOG_MOE": str(tmp / "routes.jsonl"), "VLLM_LOG_MOE_LAYERS": "all"})
     assert on.returncode == 0, on.output[-3000:]
     off = run_engine(tmp / "off", spec)
@@ -36,8 +45,10 @@ def test_req_ids_are_the_callers_and_samples_are_told_apart(top2):
     assert all("sample" not in r for r in routes if r["req_id"] != "pair_5")
     starts = {(r["req_id"], r.get("sample")): r for r in requests["request"]}
     ends = {(r["req_id"], r.get("sample")): r for r in requests["request_end"]}
-    assert len(starts) == len(requests["request"]) == len(ends) == len(requests["request_end"]) == 7
+    assert len(starts) == len(requests["request"]) == len(ends) == len(requests["request_end"]) == 9
     for out in on.result["outputs"]:
+        if out["id"] == "rep-b":
+            continue  # the cached prefix: test_prefix_cache_hits_are_stated
         for s, generated in enumerate(out["samples"]):
             key = (out["id"], s if len(out["samples"]) > 1 else None)
             start, end = starts[key], ends[key]
@@ -58,7 +69,7 @@ def test_meta_header_and_end_record(top2, models):
     assert meta["torch_version"].startswith("2.") and meta["device"].startswith("cpu")
     assert meta["prefix_caching"] is True and "prefix cache" in meta["coverage"]
     assert end["route_records"] == len(routes)
-    assert end["requests"] == len(requests["request"]) == end["requests_ended"] == 7
+    assert end["requests"] == len(requests["request"]) == end["requests_ended"] == 9
     assert end["requests_not_logged"] == 0  # the V1 runner sends no warm-up requests
     assert end["write_error"] is None
 
@@ -69,11 +80,25 @@ def test_logging_off_changes_nothing(top2):
     decides by timing (its routes are still held to the oracle above)."""
     on, off = top2
     greedy_only = [o for o in on.result["outputs"] if len(o["samples"]) == 1]
-    assert len(greedy_only) == 5
+    assert len(greedy_only) == 7
     assert [o for o in off.result["outputs"] if len(o["samples"]) == 1] == greedy_only
     assert off.log is None and not list(off.workdir.rglob("*.jsonl"))
     assert off.result["workers"] == [{"active": False, "routers": 4, "hooked": 0}]
     assert on.result["workers"] == [{"active": True, "routers": 4, "hooked": 4}]
+
+
+def test_prefix_cache_hits_are_stated(top2):
+    """Positions served from the prefix cache have no routes; the request record says
+    how many, and the oracle check above starts each request there."""
+    on, _ = top2
+    meta, routes, requests, _ = read_log(on.log)
+    cached = {r["req_id"]: r["prompt_tokens_cached"] for r in requests["request"]}
+    assert meta["prefix_caching"] is True
+    assert cached["rep-a"] == 0 and cached["rep-b"] == 128
+    first = min(r["token_idx"] for r in routes if r["req_id"] == "rep-b")
+    assert first == 128
+    ends = {r["req_id"]: r for r in requests["request_end"]}
+    assert ends["rep-b"]["routed_positions"] == 200 + 5 - 1 - 128
 
 
 @pytest.fixture(scope="module")
