@@ -39,6 +39,10 @@ def child(args) -> dict:
     from vllm.platforms import current_platform
 
     on_cpu = current_platform.is_cpu()
+    if args.device != "auto" and (args.device == "cpu") != on_cpu:
+        raise SystemExit(
+            f"--device {args.device}: this vLLM is built for {'CPU' if on_cpu else current_platform.device_type}; "
+            "CPU: bash scripts/setup.sh, GPU: VLLM_USE_PRECOMPILED=1 pip install -e vllm-fork (README)")
     t0 = time.perf_counter()
     llm = LLM(model=args.model, tokenizer=args.tokenizer, load_format=args.load_format, seed=args.seed,
               max_model_len=args.max_model_len, enable_prefix_caching=False,
@@ -81,7 +85,8 @@ def run_once(args, questions_file: Path, out: Path, log: Path | None) -> dict:
     cmd = [sys.executable, "-m", "experiments.run", "--child", "--questions", str(questions_file),
            "--child-out", str(result_file), "--model", args.model, "--tokenizer", args.tokenizer,
            "--load-format", args.load_format, "--seed", str(args.seed), "--dtype", args.dtype,
-           "--max-model-len", str(args.max_model_len), "--max-tokens", str(args.max_tokens)]
+           "--max-model-len", str(args.max_model_len), "--max-tokens", str(args.max_tokens),
+           "--device", args.device]
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
     result = json.loads(result_file.read_text())
     result_file.unlink()
@@ -133,6 +138,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="check that the installed vLLM runs there (vLLM's platform comes with its build)")
     parser.add_argument("--no-analysis", action="store_true", help="runs only (analyse later: experiments.report)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--questions", help=argparse.SUPPRESS)
