@@ -32,7 +32,7 @@ def draw_histogram(shares, stats: dict, title: str, path: Path, weighted: bool, 
     ax.axhline(uniform, color="black", linestyle="--", linewidth=1, label=f"uniform 1/{len(values)} = {uniform:.2%}")
     for rank, t in enumerate(stats["top3"], 1):
         xpos = list(order).index(t["expert"])
-        ax.annotate(f"#{rank}\n{t['share']:.1%}", (xpos, t["share"]), ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{rank}", (xpos, t["share"]), ha="center", va="bottom", fontsize=8, weight="bold")
     step = max(1, len(values) // 30)
     ax.set_xticks(x[::step], [str(e) for e in list(order)[::step]], fontsize=8)
     ax.set_xlabel("expert" + (" (sorted by share)" if sort else ""))
@@ -40,7 +40,8 @@ def draw_histogram(shares, stats: dict, title: str, path: Path, weighted: bool, 
     ax.set_ylim(0, max(values.max(), uniform) * 1.25)
     ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper right", fontsize=8, title="red: top-3", title_fontsize=8)
+    top3 = ", ".join(f"{t['expert']} ({t['share']:.1%})" for t in stats["top3"])
+    ax.legend(loc="upper right", fontsize=8, title=f"red, 1-3: top-3 experts {top3}", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
