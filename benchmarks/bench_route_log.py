@@ -74,7 +74,8 @@ def child(args) -> dict:
 
 
 def check_log(path: Path, result: dict) -> dict:
-    """Counts route records and reads the closing record after the engine has exited."""
+    """Counts route records and reads the closing record after the engine has exited
+    (by hand, not with analysis/: the GPU machine has no pandas or pyarrow)."""
     meta, routes, end = None, 0, None
     with open(path, "rb") as f:
         for line in f:

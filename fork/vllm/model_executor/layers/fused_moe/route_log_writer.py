@@ -57,10 +57,10 @@ def render_routes(ids: np.ndarray, weights: np.ndarray, spans, layers) -> bytes 
     pos = np.concatenate([np.arange(p, p + e - s) for _, p, s, e in spans])
     owner = np.repeat(np.arange(len(spans)), [e - s for _, _, s, e in spans])
     top_k = ids.shape[2]
-    ids = ids[rows].reshape(-1, top_k).astype(np.int64)
+    step_ids, ids = ids, ids[rows].reshape(-1, top_k).astype(np.int64)
     scaled = np.rint(weights[rows].reshape(-1, top_k).astype(np.float64) * WEIGHT_SCALE)
     if ids.min() < 0 or not np.isfinite(scaled).all() or scaled.min() < 0:
-        return render_routes_plain(ids, weights[rows].reshape(-1, top_k), pos, owner, spans, layers)
+        return render_routes_plain(step_ids, weights, spans, layers)
     scaled = scaled.astype(np.int64)
     num_layers = len(layers)
     prefixes = [p for p, _, _, _ in spans]
@@ -116,23 +116,20 @@ def _assemble(pieces: list, num_records: int) -> memoryview:
     return memoryview(out).cast("B")
 
 
-def render_routes_plain(ids, weights, pos, owner, spans, layers) -> bytes:
-    """Record by record, with json: the fallback for values the fast path cannot
-    write (negative ids, non-finite weights) and the reference the tests hold it to."""
+def render_routes_plain(ids, weights, spans, layers) -> bytes:
+    """Record by record, with json, from the same arguments as render_routes: the
+    fallback for values the fast path cannot write (negative ids, non-finite weights)
+    and the reference the tests hold it to."""
     lines = []
-    num_layers = len(layers)
-    for r, (position, who) in enumerate(zip(pos.tolist(), owner.tolist())):
-        prefix = spans[who][0].decode()
-        for li, layer in enumerate(layers):
-            rec = r * num_layers + li
-            weights_out = [
-                round(float(w), 9) if np.isfinite(w) else None for w in weights[rec]
-            ]
-            lines.append(
-                f'{{"type":"route",{prefix}"token_idx":{position},"layer":{layer},'
-                f'"topk_ids":{json.dumps([int(i) for i in ids[rec]])},'
-                f'"topk_weights":{json.dumps(weights_out)}}}\n'
-            )
+    for prefix, first, start, end in spans:
+        for position, row in enumerate(range(start, end), first):
+            for slot, layer in enumerate(layers):
+                weights_out = [round(float(w), 9) if np.isfinite(w) else None for w in weights[row, slot]]
+                lines.append(
+                    f'{{"type":"route",{prefix.decode()}"token_idx":{position},"layer":{layer},'
+                    f'"topk_ids":{json.dumps(ids[row, slot].tolist())},'
+                    f'"topk_weights":{json.dumps(weights_out)}}}\n'
+                )
     return "".join(lines).encode()
 
 
