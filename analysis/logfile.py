@@ -213,6 +213,14 @@ class _Reader:
             log.notes.append(f"the last line is unfinished ({len(tail)} bytes) and was skipped")
         if log.end is None:
             log.notes.append("no 'end' record: the engine did not shut down cleanly")
+        elif log.end.get("final") is False:
+            log.notes.append(f"the engine did not shut down cleanly; the log ends with the "
+                             f"provisional 'end' of {log.end['ended_at']}, when no request "
+                             "was open: complete up to then")
+        shards = log.meta.get("parallel", {}).get("shards", [])
+        if "writer" in log.meta.get("parallel", {}) and len(shards) > 1:
+            log.notes.append(f"one shard of {len(shards)} ({', '.join(shards)}); "
+                             "join them with python -m analysis.merge")
         if log.duplicates:
             log.notes.append(f"{log.duplicates} repeated route records were counted once")
         index = pd.MultiIndex.from_product([self.layers, PHASES, range(self.num_experts)],

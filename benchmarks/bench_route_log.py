@@ -1,7 +1,8 @@
 """Route-log overhead on a GPU: the GSM8K slice on the Qwen1.5-MoE-A2.7B architecture.
 
     python benchmarks/bench_route_log.py run --out bench-r0.json [--round 0] [--repeats 8]
-    python benchmarks/bench_route_log.py report bench-*.json [--write BENCHMARKS.md]
+        [--tp 2] [--modes off,layer0,all]
+    python benchmarks/bench_route_log.py report bench-*.json [--write BENCHMARKS.md [--section gpu]]
 
 `run` starts one fresh process per mode (see MODES), in an order
 that rotates with --round; each process times one warm-up and --repeats generations of
@@ -37,7 +38,6 @@ MODES = {  # name -> (environment, extra engine arguments); "off" is vLLM's defa
     "vllm_capture": (V1, {"enable_return_routed_experts": True}),
 }
 BASELINE = {"off_v1": "off_v1", "all_v1": "off_v1", "vllm_capture": "off_v1"}  # else "off"
-MARK_BEGIN, MARK_END = "<!-- bench:gpu:begin -->", "<!-- bench:gpu:end -->"
 
 
 def child(args) -> dict:
@@ -56,7 +56,7 @@ def child(args) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True, seed=1234)
     t0 = time.perf_counter()
     llm = LLM(model=model, load_format="dummy", seed=1234, max_model_len=512,
-              enable_prefix_caching=False, **extra)
+              enable_prefix_caching=False, tensor_parallel_size=args.tp, **extra)
     start_s = time.perf_counter() - t0
     outs = llm.generate(prompts, params, use_tqdm=False)
     walls, tokens = [], []
@@ -66,7 +66,7 @@ def child(args) -> dict:
         walls.append(time.perf_counter() - t0)
         tokens.append(sum(len(o.outputs[0].token_ids) for o in outs))
     return {
-        "mode": args.mode, "start_s": start_s, "wall_s": walls, "tokens": tokens,
+        "mode": args.mode, "tensor_parallel_size": args.tp, "start_s": start_s, "wall_s": walls, "tokens": tokens,
         "routed_positions": sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs),
         "output_digest": hash(tuple(tuple(o.outputs[0].token_ids) for o in outs)),
         "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
@@ -95,13 +95,14 @@ def check_log(path: Path, result: dict) -> dict:
 
 
 def run(args) -> None:
-    names = [m for m in MODES if m != "stock" or os.environ.get("STOCK_VLLM_PYTHONPATH")]
+    names = [m for m in args.modes.split(",") if m != "stock" or os.environ.get("STOCK_VLLM_PYTHONPATH")]
     order = names[args.round % len(names):] + names[: args.round % len(names)]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
 
         def child_cmd(mode: str, repeats: int, out: Path) -> list[str]:
             return [sys.executable, __file__, "child", "--mode", mode, "--repeats", str(repeats),
+                    "--tp", str(args.tp),
                     "--model", str(args.model), "--data", str(args.data), "--out", str(out)]
 
         # An untimed first process fills the torch.compile cache, so that start times
@@ -137,8 +138,9 @@ def table(results: list[dict]) -> str:
     cell = {(r["mode"], r["round"]): r for r in results}
     first = results[0]
     lines = [
-        f"Card: {first['device']}; vLLM {first['vllm']} (+ route logger), torch {first['torch']}; "
-        f"rounds {', '.join(map(str, rounds))} (one device call and machine each), a fresh process "
+        f"Card: {first.get('tensor_parallel_size', 1)} x {first['device']} (tensor parallel size "
+        f"{first.get('tensor_parallel_size', 1)}); vLLM {first['vllm']} (+ route logger), torch {first['torch']}; "
+        f"rounds {', '.join(map(str, rounds))} (one device call each), a fresh process "
         "per mode and round, modes in rotating order, one untimed warm-up generation then "
         f"{len(first['wall_s'])} timed ones per process. Values per round, separated by '/'.",
         "",
@@ -178,7 +180,8 @@ def report(args) -> None:
     print(text)
     if args.write:
         doc = Path(args.write).read_text()
-        begin, end = doc.index(MARK_BEGIN) + len(MARK_BEGIN), doc.index(MARK_END)
+        mark_begin, mark_end = f"<!-- bench:{args.section}:begin -->", f"<!-- bench:{args.section}:end -->"
+        begin, end = doc.index(mark_begin) + len(mark_begin), doc.index(mark_end)
         Path(args.write).write_text(doc[:begin] + "\n" + text + "\n" + doc[end:])
 
 
@@ -193,9 +196,12 @@ def main() -> None:
         p.add_argument("--out", required=True)
         p.add_argument("--round", type=int, default=0)
         p.add_argument("--mode", choices=list(MODES))
+        p.add_argument("--modes", default=",".join(MODES), help="comma list of MODES to run")
+        p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     p = sub.add_parser("report")
     p.add_argument("files", nargs="+")
     p.add_argument("--write", help="replace the marked section of this Markdown file")
+    p.add_argument("--section", default="gpu", help="its marker: <!-- bench:SECTION:begin -->")
     args = parser.parse_args()
     if args.command == "child":
         Path(args.out).write_text(json.dumps(child(args)))

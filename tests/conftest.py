@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,21 +42,56 @@ class EngineRun:
     workdir: Path
 
 
-def run_engine(tmp: Path, spec: dict, env: dict[str, str] | None = None, timeout=900) -> EngineRun:
-    """One engine in a fresh process; ``env`` adds e.g. VLLM_LOG_MOE for that process."""
+def run_engine(
+    tmp: Path, spec: dict, env: dict[str, str] | None = None, timeout=900, job="engine_job.py",
+    during=None,
+) -> EngineRun:
+    """One engine in a fresh process (and session); ``env`` adds e.g. VLLM_LOG_MOE for
+    that process; ``job``: engine_job.py (LLMEngine) or async_engine_job.py (AsyncLLM);
+    ``during(proc)`` runs while the engine does (to kill it, say)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "spec.json").write_text(json.dumps(spec))
     full_env = {k: v for k, v in os.environ.items() if k not in ROUTE_ENV}
     full_env.update(env or {}, VLLM_ALLOW_INSECURE_SERIALIZATION="1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "engine_job.py"), str(tmp / "spec.json"), str(tmp / "out.json")],
-        env=full_env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=timeout,
-    )
-    out = tmp / "out.json"
+    out, output = tmp / "out.json", tmp / "output.txt"
+    with open(output, "w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / job), str(tmp / "spec.json"), str(out)],
+            env=full_env, cwd=tmp, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            if during is not None:
+                during(proc)
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     log = Path(env["VLLM_LOG_MOE"]) if env and "VLLM_LOG_MOE" in env else None
     result = json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else None
-    return EngineRun(proc.returncode, result, proc.stdout, log, tmp)
+    return EngineRun(proc.returncode, result, output.read_text(), log, tmp)
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Polls a condition of a running engine (its log's size, a server's health)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (an engine's front end, engine core and workers)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*"):
+            try:
+                pids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        i += 1
+    return pids
 
 
 def engine_kwargs(**overrides) -> dict:

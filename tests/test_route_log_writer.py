@@ -8,6 +8,7 @@ import torch
 
 from vllm.model_executor.layers.fused_moe.route_log_writer import (
     RequestEnd,
+    RequestStart,
     RouteLogWriter,
     StepRoutes,
     render_routes,
@@ -71,6 +72,33 @@ class FakeRequest:
     prompt_len, prompt_tokens_cached, routed, recomputed = 5, 0, 7, 0
 
 
+def test_an_idle_writer_leaves_a_provisional_end(tmp_path):
+    """A process killed while no request runs leaves a log that says so."""
+    path = tmp_path / "log.jsonl"
+    writer = RouteLogWriter(str(path), {"type": "meta"}, max_pending_steps=4,
+                            end_fields=lambda: {"requests_not_logged": 3})
+    assert parse(path.read_bytes())[-1]["final"] is False
+    ids, weights, spans, layers = random_step(0, 2, 8)
+    writer.put(RequestStart(FakeRequest()))
+    writer.put(StepRoutes(torch.from_numpy(ids), torch.from_numpy(weights), None, spans, layers))
+    writer._queue.join()
+    assert parse(path.read_bytes())[-1]["type"] == "route"  # a request is open: no end
+    writer.put(RequestEnd(FakeRequest(), finished=True))
+    writer._queue.join()
+    provisional = parse(path.read_bytes())
+    assert [r["type"] for r in provisional].count("end") == 1
+    assert provisional[-1] | {"ended_at": None} == {
+        "type": "end", "final": False, "steps": 1, "route_records": 38 * 3, "requests": 1,
+        "requests_ended": 1, "engine_waits": 0, "requests_not_logged": 3, "write_error": None,
+        "ended_at": None}
+    writer.put(RequestStart(FakeRequest()))
+    writer.close()
+    lines = parse(path.read_bytes())
+    assert [r["type"] for r in lines] == ["meta", "request", *["route"] * 114, "request_end",
+                                          "request", "end"]
+    assert lines[-1]["final"] is True and lines[-1]["requests"] == 2
+
+
 def test_writer_life_cycle(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text("old contents\n")
@@ -89,5 +117,6 @@ def test_writer_life_cycle(tmp_path):
     assert lines[-2] == {"type": "request_end", "req_id": "r1", "routed_positions": 7,
                          "recomputed_positions": 0, "finished": True}
     end = lines[-1]
-    assert (end["type"], end["steps"], end["route_records"], end["requests_ended"]) == ("end", 5, 570, 1)
+    assert (end["type"], end["final"], end["steps"], end["route_records"], end["requests_ended"]) == (
+        "end", True, 5, 570, 1)
     assert end["write_error"] is None

@@ -110,10 +110,62 @@ def check_engine_config(vllm_config) -> None:
     parallel = vllm_config.parallel_config
     unsupported = {
         "speculative decoding": vllm_config.speculative_config is not None,
-        "pipeline parallelism": parallel.pipeline_parallel_size > 1,
-        "data parallelism": parallel.data_parallel_size > 1,
         "micro-batching (DBO)": getattr(parallel, "use_ubatching", False),
+        # Each TP rank would route only its slice of the tokens; TP rank 0 writes.
+        "sequence-parallel MoE (DP > 1 and TP > 1 with expert parallelism)": getattr(
+            parallel, "use_sequence_parallel_moe", False
+        ),
     }
     for feature, enabled in unsupported.items():
         if enabled:
             raise RouteLogError(f"{ENV_PATH} does not support {feature} yet; turn one off")
+
+
+@dataclass(frozen=True)
+class WriterLayout:
+    """Where this worker's records go. Routing is replicated across the TP ranks of
+    a stage, so TP rank 0 writes; each (data-parallel rank, pipeline stage) writes
+    its own file (a shard) and ``python -m analysis.merge`` joins them. With one of
+    each, the shard is VLLM_LOG_MOE itself."""
+
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int
+    expert_parallel: bool
+    dp_rank: int
+    pp_rank: int
+
+    @classmethod
+    def of(cls, parallel_config, pp_rank: int) -> "WriterLayout":
+        return cls(
+            tensor_parallel_size=parallel_config.tensor_parallel_size,
+            pipeline_parallel_size=parallel_config.pipeline_parallel_size,
+            data_parallel_size=parallel_config.data_parallel_size,
+            expert_parallel=bool(parallel_config.enable_expert_parallel),
+            dp_rank=parallel_config.data_parallel_rank,
+            pp_rank=pp_rank,
+        )
+
+    def shard_path(self, path: str, dp_rank: int, pp_rank: int) -> str:
+        root, ext = os.path.splitext(path)
+        dp = f".dp{dp_rank}" if self.data_parallel_size > 1 else ""
+        pp = f".pp{pp_rank}" if self.pipeline_parallel_size > 1 else ""
+        return f"{root}{dp}{pp}{ext}"
+
+    def shard_paths(self, path: str) -> list[str]:
+        """Every writer's file, data-parallel rank major."""
+        return [
+            self.shard_path(path, dp, pp)
+            for dp in range(self.data_parallel_size)
+            for pp in range(self.pipeline_parallel_size)
+        ]
+
+    def meta(self, path: str) -> dict:
+        return {
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+            "data_parallel_size": self.data_parallel_size,
+            "expert_parallel": self.expert_parallel,
+            "writer": {"dp_rank": self.dp_rank, "pp_rank": self.pp_rank, "tp_rank": 0},
+            "shards": [os.path.basename(p) for p in self.shard_paths(path)],
+        }

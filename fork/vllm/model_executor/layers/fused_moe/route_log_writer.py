@@ -6,6 +6,11 @@ copy, renders its records with numpy (whole columns at a time, so the GIL is
 mostly free for the engine) and appends them. The queue is bounded: when the
 writer falls behind, ``put`` blocks the engine (back-pressure) and the wait is
 counted in the closing record, so no record is ever dropped silently.
+
+Whenever the queue is drained and every request seen has ended, the file ends with
+a provisional 'end' record ("final": false), cut off again before the next write:
+an engine killed while idle (vLLM force-kills engine processes that do not exit
+within seconds of a shutdown) leaves a log that says it was complete up to then.
 """
 
 import fcntl
@@ -136,8 +141,11 @@ def render_routes_plain(ids, weights, spans, layers) -> bytes:
 class RouteLogWriter:
     """Owns the log file from its meta line to its closing 'end' record."""
 
-    def __init__(self, path: str, meta: dict, max_pending_steps: int):
+    def __init__(self, path: str, meta: dict, max_pending_steps: int,
+                 on_requests: dict | None = None, end_fields=dict):
         self.path = path
+        self.on_requests = on_requests or {}  # extra fields of request records
+        self.end_fields = end_fields  # () -> the caller's fields of 'end' records
         self._file = open(path, "ab")  # truncated only once the lock is held
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -146,12 +154,13 @@ class RouteLogWriter:
             raise ValueError(
                 f"VLLM_LOG_MOE={path!r} is being written by another engine"
             ) from None
-        self._file.truncate(0)
-        self._file.write(_json_line(meta))
-        self._file.flush()
         self.stats = {"steps": 0, "route_records": 0, "requests": 0, "requests_ended": 0,
                       "engine_waits": 0}
         self.error: str | None = None
+        self._provisional_end_at: int | None = None  # offset of a provisional 'end'
+        self._file.truncate(0)
+        self._file.write(_json_line(meta))
+        self._at_rest()
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending_steps)
         self._thread = threading.Thread(target=self._run, name="moe-route-log", daemon=True)
         self._thread.start()
@@ -164,34 +173,48 @@ class RouteLogWriter:
             self.stats["engine_waits"] += 1
             self._queue.put(item)
 
-    def close(self, **end_fields) -> None:
-        """Drains the queue, appends the 'end' record and closes the file."""
+    def close(self) -> None:
+        """Drains the queue, appends the final 'end' record and closes the file."""
         if self._closed:
             return
         self._closed = True
         self._queue.put(None)
         self._thread.join()
-        end = {"type": "end", **self.stats, **end_fields, "write_error": self.error,
-               "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self._write(_json_line(end))
+        self._write(self._end_line(final=True))
         self._file.close()
+
+    def _end_line(self, final: bool) -> bytes:
+        return _json_line({"type": "end", "final": final, **self.stats, **self.end_fields(),
+                           "write_error": self.error,
+                           "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             try:
                 self._write(self._render(item))
                 if self._queue.empty():
-                    self._file.flush()
+                    self._at_rest()
             except Exception as e:  # the engine must never block on a dead writer
                 self._fail(e)
+            self._queue.task_done()
+
+    def _at_rest(self) -> None:
+        """Flushes; with no request open, ends the file with a provisional 'end'."""
+        if self.stats["requests"] == self.stats["requests_ended"] and self.error is None:
+            self._file.flush()
+            offset = self._file.tell()
+            self._write(self._end_line(final=False))
+            self._provisional_end_at = offset
+        self._file.flush()
 
     def _render(self, item) -> bytes:
         if isinstance(item, RequestStart):
             self.stats["requests"] += 1
-            return _request_line("request", item.request)
+            return _request_line("request", item.request, **self.on_requests)
         if isinstance(item, RequestEnd):
             self.stats["requests_ended"] += 1
-            return _request_line("request_end", item.request, finished=item.finished)
+            return _request_line("request_end", item.request, finished=item.finished,
+                                 **self.on_requests)
         if item.ready is not None:
             item.ready.synchronize()
         self.stats["steps"] += 1
@@ -201,6 +224,10 @@ class RouteLogWriter:
     def _write(self, data: bytes) -> None:
         if self.error is None:
             try:
+                if self._provisional_end_at is not None:
+                    self._file.flush()
+                    self._file.truncate(self._provisional_end_at)
+                    self._provisional_end_at = None
                 self._file.write(data)
             except OSError as e:
                 self._fail(e)
@@ -221,7 +248,8 @@ def _request_line(kind: str, request, **extra) -> bytes:
                       prompt_tokens_cached=request.prompt_tokens_cached)
     else:
         record.update(routed_positions=request.routed,
-                      recomputed_positions=request.recomputed, **extra)
+                      recomputed_positions=request.recomputed)
+    record.update(extra)
     return _json_line(record)
 
 

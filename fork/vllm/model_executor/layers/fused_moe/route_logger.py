@@ -31,6 +31,7 @@ from vllm.model_executor.layers.fused_moe.route_log_config import (
     LAYERS_HELP,
     RouteLogConfig,
     RouteLogError,
+    WriterLayout,
 )
 from vllm.model_executor.layers.fused_moe.route_log_writer import (
     RequestEnd,
@@ -73,18 +74,25 @@ def moe_routers(model: torch.nn.Module) -> dict[int, Any]:
     return routers
 
 
-def select_layers(wanted: tuple[int, ...] | None, moe_layers: list[int]) -> list[int]:
-    if not moe_layers:
+def select_layers(
+    wanted: tuple[int, ...] | None, moe_layers: list[int], stage: range | None = None
+) -> list[int]:
+    """The wanted layers among ``moe_layers``; with pipeline parallelism, those of
+    this stage (decoder layers ``stage``), whose MoE layers ``moe_layers`` are:
+    the other stages log their own."""
+    if not moe_layers and stage is None:
         raise RouteLogError(f"{ENV_PATH} is set but the model has no MoE layers")
     if wanted is None:
         return moe_layers
-    missing = [layer for layer in wanted if layer not in moe_layers]
+    here = [layer for layer in wanted if stage is None or layer in stage]
+    missing = [layer for layer in here if layer not in moe_layers]
     if missing:
+        of_stage = "" if stage is None else f" of pipeline stage {stage.start}-{stage.stop - 1}"
         raise RouteLogError(
-            f"{ENV_LAYERS}: layer(s) {missing} are not MoE layers; valid MoE layers: "
-            f"{_ranges(moe_layers)}; accepted: {LAYERS_HELP}"
+            f"{ENV_LAYERS}: layer(s) {missing} are not MoE layers; valid MoE layers"
+            f"{of_stage}: {_ranges(moe_layers)}; accepted: {LAYERS_HELP}"
         )
-    return list(wanted)
+    return here
 
 
 def _ranges(values: list[int]) -> str:
@@ -143,9 +151,11 @@ def _request_from(new_req) -> _Request | None:
 class RouteLogger:
     """Owns the device buffers, the request table and the writer of one worker."""
 
-    def __init__(self, config: RouteLogConfig, vllm_config, routers: dict[int, Any]):
-        self.layers = select_layers(config.layers, sorted(routers))
-        top_k = routers[self.layers[0]].top_k
+    def __init__(self, config: RouteLogConfig, vllm_config, routers: dict[int, Any],
+                 layers: list[int], layout: WriterLayout):
+        self.layers = layers  # may be empty on a pipeline stage without logged layers
+        router = routers[layers[0]] if layers else None
+        top_k = router.top_k if router else 0
         rows = vllm_config.scheduler_config.max_num_batched_tokens
         device = torch.device(current_platform.device_type)
         # [max_num_batched_tokens, num_logged_layers, top_k]; row i = batch row i.
@@ -153,9 +163,12 @@ class RouteLogger:
         self.weights = torch.zeros(rows, len(self.layers), top_k, dtype=torch.float32, device=device)
         self.requests: dict[str, _Request] = {}
         self.not_logged: list[str] = []  # engine ids of requests without a caller
-        self.writer = RouteLogWriter(
-            config.path, self._meta(vllm_config, routers, top_k), config.max_pending_steps
-        )
+        path = layout.shard_path(config.path, layout.dp_rank, layout.pp_rank)
+        meta = self._meta(vllm_config, routers, router, layout.meta(config.path))
+        # Requests are split across DP ranks: say which one served each.
+        on_requests = {"dp_rank": layout.dp_rank} if layout.data_parallel_size > 1 else {}
+        self.writer = RouteLogWriter(path, meta, config.max_pending_steps, on_requests,
+                                     end_fields=self._end_fields)
         for slot, layer in enumerate(self.layers):
             routers[layer].route_log_fn = partial(self._capture, slot)
         atexit.register(self.close)
@@ -167,8 +180,11 @@ class RouteLogger:
         for request in self.requests.values():
             self.writer.put(RequestEnd(request, finished=False))
         self.requests.clear()
-        self.writer.close(requests_not_logged=len(self.not_logged),
-                          requests_not_logged_ids=self.not_logged[:20])
+        self.writer.close()
+
+    def _end_fields(self) -> dict:
+        return {"requests_not_logged": len(self.not_logged),
+                "requests_not_logged_ids": self.not_logged[:20]}
 
     def _capture(self, slot: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
         # Inside the forward: device copies only (recorded into CUDA graphs).
@@ -208,7 +224,7 @@ class RouteLogger:
             request.next_pos = max(request.next_pos, pos + end - start)
             if end - start > skip:
                 spans.append((request.prefix, pos + skip, start + skip, end))
-        if not spans:
+        if not spans or not self.layers:
             return
         num_rows = int(query_start_loc[len(req_ids)])
         ids, weights, ready = self._snapshot(num_rows)
@@ -227,11 +243,10 @@ class RouteLogger:
         ready.record()
         return ids, weights, ready
 
-    def _meta(self, vllm_config, routers: dict[int, Any], top_k: int) -> dict:
+    def _meta(self, vllm_config, routers: dict[int, Any], router, parallel: dict) -> dict:
         import vllm
 
         model = vllm_config.model_config
-        router = routers[self.layers[0]]
         return {
             "type": "meta",
             "schema": SCHEMA_VERSION,
@@ -244,15 +259,15 @@ class RouteLogger:
             "layers_logged": self.layers,
             "moe_layers": sorted(routers),
             "num_layers": model.get_total_num_hidden_layers(),
-            "num_experts": router.global_num_experts,
-            "top_k": top_k,
+            "num_experts": router.global_num_experts if router else model.get_num_experts(),
+            "top_k": router.top_k if router else None,
             "renormalize": getattr(router, "renormalize", None),
             "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
             "enforce_eager": bool(model.enforce_eager),
             "cudagraph_mode": str(vllm_config.compilation_config.cudagraph_mode),
             "model_runner": "v2" if getattr(vllm_config, "use_v2_model_runner", False) else "v1",
             "async_scheduling": bool(vllm_config.scheduler_config.async_scheduling),
-            "tensor_parallel_size": vllm_config.parallel_config.tensor_parallel_size,
+            "parallel": parallel,
             "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
             "weight_decimals": 9,
             "coverage": COVERAGE,
@@ -280,15 +295,23 @@ def attach(model: torch.nn.Module, vllm_config) -> torch.nn.Module:
     config = RouteLogConfig.from_env()
     if config is None:
         return model
-    from vllm.distributed import get_tensor_model_parallel_rank
+    from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
+    from vllm.distributed.utils import get_pp_indices
 
     routers = moe_routers(model)
+    layout = WriterLayout.of(vllm_config.parallel_config, get_pp_group().rank_in_group)
+    stage = None
+    if layout.pipeline_parallel_size > 1:
+        stage = range(*get_pp_indices(
+            vllm_config.model_config.get_total_num_hidden_layers(),
+            layout.pp_rank, layout.pipeline_parallel_size,
+        ))
+    layers = select_layers(config.layers, sorted(routers), stage)
     if get_tensor_model_parallel_rank() != 0:
-        select_layers(config.layers, sorted(routers))
         return model  # routing is replicated across TP ranks; rank 0 writes
     if _ACTIVE is not None:
         raise RuntimeError(f"{ENV_PATH}: a second model was loaded in this process")
-    _ACTIVE = RouteLogger(config, vllm_config, routers)
+    _ACTIVE = RouteLogger(config, vllm_config, routers, layers, layout)
     return model
 
 

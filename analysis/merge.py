@@ -1,0 +1,176 @@
+"""Joins the shards of a route log written by several ranks into one log.
+
+    python -m analysis.merge LOG [--out PATH] [--json]
+
+With pipeline (PP) or data (DP) parallelism every (DP rank, PP stage) writes its own
+shard: LOG's name with .dpN and/or .ppN before the extension (log.dp1.pp0.jsonl), all
+listed in each shard's meta header. Per-rank files need no locking or ordering
+between processes, and a rank that dies cannot corrupt another's lines. The merged
+log (default: LOG itself) is what one writer would have written: one meta header with
+the parallel layout, every shard's route records, the request records once (from
+pipeline stage 0; DP ranks serve disjoint requests and say which in ``dp_rank``), and
+one 'end' record holding each shard's. If a shard has no 'end' (its rank was killed),
+neither has the merged log, so readers report it as incomplete; if a shard ends with
+a provisional 'end' (its rank was killed while idle), so does the merged log.
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+SUMMED = ("steps", "route_records", "engine_waits", "requests_not_logged")
+
+
+class MergeError(ValueError):
+    pass
+
+
+def find_shards(log: str | Path) -> list[Path]:
+    """The shard files of LOG, in the order its meta headers list them."""
+    log = Path(log)
+    root, ext = os.path.splitext(str(log))
+    found = sorted(glob.glob(f"{glob.escape(root)}.dp*{ext}") + glob.glob(f"{glob.escape(root)}.pp*{ext}"))
+    if not found:
+        raise MergeError(f"no shards of {log} ({log.stem}.dpN / .ppN{ext}) found; "
+                         "only engines with pipeline or data parallelism write shards")
+    names = _meta(Path(found[0]))["parallel"]["shards"]
+    missing = [n for n in names if not (log.parent / n).exists()]
+    if missing:
+        raise MergeError(f"shard(s) {missing} of {log} are missing; expected {names}")
+    return [log.parent / n for n in names]
+
+
+def merge(log: str | Path, out: str | Path | None = None) -> dict:
+    """Writes the merged log; returns what was merged."""
+    shards = find_shards(log)
+    metas = [_meta(s) for s in shards]
+    _check_same_run(shards, metas)
+    out = Path(out or log)
+    ends, dropped = [], {}
+    with open(out, "wb") as dst:
+        dst.write(_line(_merged_meta(metas, shards)))
+        for shard, meta in zip(shards, metas):
+            keep_requests = meta["parallel"]["writer"]["pp_rank"] == 0
+            end, tail = _copy_body(shard, dst, keep_requests)
+            ends.append(end)
+            if tail:
+                dropped[shard.name] = tail
+        if all(ends):
+            dst.write(_line(_merged_end(metas, shards, ends)))
+    return {
+        "out": str(out),
+        "shards": [s.name for s in shards],
+        "complete": all(ends) and not dropped,
+        "shards_without_end": [s.name for s, e in zip(shards, ends) if e is None],
+        # Ended by a provisional 'end': the rank was killed while idle.
+        "shards_not_shut_down": [s.name for s, e in zip(shards, ends) if e and not e.get("final", True)],
+        "unfinished_last_line_bytes": dropped,
+    }
+
+
+def _meta(path: Path) -> dict:
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        meta = json.loads(first)
+    except json.JSONDecodeError:
+        raise MergeError(f"{path}: line 1 is not a meta header") from None
+    if meta.get("type") != "meta" or "writer" not in meta.get("parallel", {}):
+        raise MergeError(f"{path}: line 1 is not the meta header of a route-log shard")
+    return meta
+
+
+def _check_same_run(shards: list[Path], metas: list[dict]) -> None:
+    def layout(meta):
+        return {k: v for k, v in meta["parallel"].items() if k != "writer"}
+
+    first = metas[0]
+    for shard, meta in zip(shards, metas):
+        for key in ("model_id", "schema", "vllm_version", "num_experts"):
+            if meta[key] != first[key]:
+                raise MergeError(f"{shard.name}: {key} {meta[key]!r} differs from "
+                                 f"{shards[0].name}'s {first[key]!r}; not one run")
+        if layout(meta) != layout(first):
+            raise MergeError(f"{shard.name}: parallel layout differs from {shards[0].name}'s; not one run")
+
+
+def _merged_meta(metas: list[dict], shards: list[Path]) -> dict:
+    routed = [m for m in metas if m["layers_logged"]] or metas
+    meta = dict(routed[0])
+    meta["layers_logged"] = sorted({layer for m in metas for layer in m["layers_logged"]})
+    meta["moe_layers"] = sorted({layer for m in metas for layer in m["moe_layers"]})
+    meta["parallel"] = {k: v for k, v in meta["parallel"].items() if k != "writer"}
+    meta["parallel"]["merged_from"] = [s.name for s in shards]
+    meta["started_at"] = min(m["started_at"] for m in metas)
+    return meta
+
+
+def _copy_body(shard: Path, dst, keep_requests: bool) -> tuple[dict | None, int]:
+    """Copies a shard's records after its meta line; returns its 'end' record (None
+    if absent) and the length of an unfinished last line, which is not copied."""
+    end, tail = None, 0
+    with open(shard, "rb") as src:
+        src.readline()
+        for line in src:
+            if not line.endswith(b"\n"):
+                tail = len(line)
+                continue
+            kind = _kind(line)
+            if kind == "end":
+                end = json.loads(line)
+            elif kind == "route" or keep_requests:
+                dst.write(line)
+    return end, tail
+
+
+def _kind(line: bytes) -> str:
+    if line.startswith(b'{"type":"route"'):  # the engine's compact lines: no parsing
+        return "route"
+    return json.loads(line)["type"]
+
+
+def _merged_end(metas: list[dict], shards: list[Path], ends: list[dict]) -> dict:
+    stage0 = [e for m, e in zip(metas, ends) if m["parallel"]["writer"]["pp_rank"] == 0]
+    errors = [f"{s.name}: {e['write_error']}" for s, e in zip(shards, ends) if e.get("write_error")]
+    return {
+        "type": "end",
+        "final": all(e.get("final", True) for e in ends),
+        **{key: sum(e.get(key, 0) for e in ends) for key in SUMMED},
+        "requests": sum(e["requests"] for e in stage0),
+        "requests_ended": sum(e["requests_ended"] for e in stage0),
+        "write_error": "; ".join(errors) or None,
+        "ended_at": max(e["ended_at"] for e in ends),
+        "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "shards": {s.name: e for s, e in zip(shards, ends)},
+    }
+
+
+def _line(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Merge the per-rank shards of a VLLM_LOG_MOE log")
+    parser.add_argument("log", help="the VLLM_LOG_MOE path the engine was started with")
+    parser.add_argument("--out", help="where to write the merged log (default: LOG)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        summary = merge(args.log, args.out)
+    except (MergeError, OSError) as e:
+        print(f"{args.log}: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        state = "complete" if summary["complete"] else "INCOMPLETE (see --json)"
+        print(f"{summary['out']}: merged {len(summary['shards'])} shards, {state}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""analysis.merge on hand-made shards: what is joined, what is refused, what is reported."""
+
+import json
+
+import pytest
+
+from analysis.logfile import read_log
+from analysis.merge import MergeError, main, merge
+
+
+def meta(dp: int) -> dict:
+    return {"type": "meta", "schema": 1, "model_id": "m", "vllm_version": "0.31.0", "num_experts": 4,
+            "top_k": 2, "layers_logged": [0], "moe_layers": [0], "started_at": f"2026-11-26T0{dp}",
+            "parallel": {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 2,
+                         "expert_parallel": True, "writer": {"dp_rank": dp, "pp_rank": 0, "tp_rank": 0},
+                         "shards": ["log.dp0.jsonl", "log.dp1.jsonl"]}}
+
+
+def shard_lines(dp: int, req: str, final=True) -> list[dict]:
+    return [
+        meta(dp),
+        {"type": "request", "req_id": req, "engine_req_id": f"{req}-0", "prompt_len": 2,
+         "prompt_tokens_cached": 0, "dp_rank": dp},
+        *({"type": "route", "req_id": req, "token_idx": t, "layer": 0, "topk_ids": [dp, 3],
+           "topk_weights": [0.6, 0.4]} for t in range(2)),
+        {"type": "request_end", "req_id": req, "routed_positions": 2, "recomputed_positions": 0,
+         "finished": True, "dp_rank": dp},
+        {"type": "end", "final": final, "steps": 1, "route_records": 2, "requests": 1, "requests_ended": 1,
+         "engine_waits": 0, "requests_not_logged": 0, "write_error": None, "ended_at": f"t{dp}"},
+    ]
+
+
+def write(path, lines, tail=b""):
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in lines) + tail)
+
+
+def test_dp_shards_join_into_one_log(tmp_path):
+    write(tmp_path / "log.dp0.jsonl", shard_lines(0, "a"))
+    write(tmp_path / "log.dp1.jsonl", shard_lines(1, "b", final=False))
+    summary = merge(tmp_path / "log.jsonl")
+    assert summary["complete"] and summary["shards_not_shut_down"] == ["log.dp1.jsonl"]
+    log = read_log(tmp_path / "log.jsonl")
+    assert (log.requests, log.records) == (2, 4)
+    assert log.meta["parallel"]["merged_from"] == ["log.dp0.jsonl", "log.dp1.jsonl"]
+    assert log.end["final"] is False and log.end["route_records"] == 4
+    assert any("provisional 'end'" in note for note in log.notes)
+
+
+def test_a_shard_read_alone_says_it_is_one_of_several(tmp_path):
+    write(tmp_path / "log.dp0.jsonl", shard_lines(0, "a"))
+    assert any("analysis.merge" in note for note in read_log(tmp_path / "log.dp0.jsonl").notes)
+
+
+def test_a_missing_shard_is_named(tmp_path):
+    write(tmp_path / "log.dp0.jsonl", shard_lines(0, "a"))
+    with pytest.raises(MergeError, match=r"\['log.dp1.jsonl'\] of .* missing"):
+        merge(tmp_path / "log.jsonl")
+
+
+def test_a_killed_shard_leaves_the_merged_log_incomplete(tmp_path):
+    write(tmp_path / "log.dp0.jsonl", shard_lines(0, "a"))
+    write(tmp_path / "log.dp1.jsonl", shard_lines(1, "b")[:-1], tail=b'{"type":"route","req')
+    summary = merge(tmp_path / "log.jsonl")
+    assert not summary["complete"]
+    assert summary["shards_without_end"] == ["log.dp1.jsonl"]
+    assert summary["unfinished_last_line_bytes"] == {"log.dp1.jsonl": 20}
+    log = read_log(tmp_path / "log.jsonl")
+    assert log.end is None and log.records == 4
+
+
+def test_cli_without_shards_exits_2(tmp_path, capsys):
+    assert main([str(tmp_path / "log.jsonl")]) == 2
+    assert "no shards" in capsys.readouterr().err
