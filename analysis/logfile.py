@@ -214,7 +214,8 @@ class _Reader:
         if log.end is None:
             log.notes.append("no 'end' record: the engine did not shut down cleanly")
         elif log.end.get("final") is False:
-            log.notes.append(f"the engine did not shut down cleanly; the log ends with the "
+            log.notes.append(f"the engine's processes were stopped without closing the log "
+                             f"(a kill, or vLLM's immediate shutdown); it ends with the "
                              f"provisional 'end' of {log.end['ended_at']}, when no request "
                              "was open: complete up to then")
         shards = log.meta.get("parallel", {}).get("shards", [])

@@ -68,12 +68,12 @@ def test_unwritable_directory(tmp_path):
         RouteLogConfig.from_env({"VLLM_LOG_MOE": str(tmp_path / "r.jsonl")})
 
 
-def engine_config(model, monkeypatch, **env):
+def engine_config(model, monkeypatch, engine=None, **env):
     from vllm.engine.arg_utils import EngineArgs
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return EngineArgs(model=str(model), skip_tokenizer_init=True).create_engine_config()
+    return EngineArgs(model=str(model), skip_tokenizer_init=True, **(engine or {})).create_engine_config()
 
 
 def test_front_end_rejects_a_model_without_experts(models, tmp_path, monkeypatch):
@@ -92,3 +92,13 @@ def test_front_end_accepts_good_settings_and_is_silent_when_off(models, tmp_path
     engine_config(models["top2"], monkeypatch)
     engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"), VLLM_LOG_MOE_LAYERS="all")
     assert list(tmp_path.iterdir()) == []  # the file is created by the worker, not here
+
+
+def test_front_end_refuses_speculative_decoding(models, tmp_path, monkeypatch):
+    """Draft positions are routed before the sampler accepts or rejects them; rather
+    than log rejected drafts as tokens, the engine does not start."""
+    ngram = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
+    with pytest.raises(RouteLogError, match="VLLM_LOG_MOE does not support speculative decoding"):
+        engine_config(models["top2"], monkeypatch, {"speculative_config": ngram},
+                      VLLM_LOG_MOE=str(tmp_path / "r.jsonl"))
+    assert list(tmp_path.iterdir()) == []

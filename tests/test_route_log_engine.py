@@ -71,7 +71,11 @@ def test_meta_header_and_end_record(top2, models):
     assert end["route_records"] == len(routes)
     assert end["requests"] == len(requests["request"]) == end["requests_ended"] == 9
     assert end["requests_not_logged"] == 0  # the V1 runner sends no warm-up requests
-    assert end["write_error"] is None
+    assert end["write_error"] is None and end["final"] is True
+    assert meta["parallel"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 1,
+                                "data_parallel_size": 1, "expert_parallel": False,
+                                "writer": {"dp_rank": 0, "pp_rank": 0, "tp_rank": 0},
+                                "shards": ["routes.jsonl"]}
 
 
 def test_logging_off_changes_nothing(top2):

@@ -118,7 +118,9 @@ def check_engine_config(vllm_config) -> None:
     }
     for feature, enabled in unsupported.items():
         if enabled:
-            raise RouteLogError(f"{ENV_PATH} does not support {feature} yet; turn one off")
+            raise RouteLogError(
+                f"{ENV_PATH} does not support {feature} yet; unset {ENV_PATH} or turn it off"
+            )
 
 
 @dataclass(frozen=True)

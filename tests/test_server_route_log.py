@@ -1,0 +1,211 @@
+"""`vllm serve` with VLLM_LOG_MOE set: concurrent OpenAI clients, 2,000 requests, SIGTERM.
+
+One server process for the module (CPU backend, tiny top-2 model with Qwen's
+tokenizer). Prompts are token ids and responses carry token ids (vLLM's
+`return_token_ids`), so every request can be held to the oracle.
+"""
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.logfile import read_log as analysis_read_log
+from conftest import ROUTE_ENV, SHARED, process_tree, wait_until
+from experiments.tiny_moe import TOP2, build_moe
+from route_checks import check_against_oracle, prompts, report
+
+pytestmark = pytest.mark.engine
+CONCURRENT, MANY, RSS_EVERY = 32, 2000, 500
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(proc, port) -> bool:
+    assert proc.poll() is None, "the server exited during start-up"
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
+    except OSError:
+        return False
+
+
+def rss_mib(pid: int) -> dict[str, float]:
+    """Resident memory of each process of the server (API server, engine core, worker)."""
+    rss = {}
+    for p in process_tree(pid):
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines())
+        except OSError:
+            continue
+        rss[f"{status['Name'].strip()} {p}"] = int(status.get("VmRSS", "0 kB").split()[0]) / 1024
+    return rss
+
+
+def gone(pids: list[int]) -> bool:
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+    return not any(alive(p) for p in pids)
+
+
+async def complete(client, model, prompt, max_tokens, request_id=None) -> dict:
+    resp = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+        extra_headers={"X-Request-Id": request_id} if request_id else None,
+    )
+    choice = resp.choices[0]
+    return {"response_id": resp.id, "prompt_token_ids": choice.prompt_token_ids, "token_ids": choice.token_ids}
+
+
+async def traffic(port: int, model: str, pid: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                                timeout=300)
+    # 32 at once, half of them with the caller's own id (X-Request-Id).
+    first = await asyncio.gather(*(
+        complete(client, model, p, 12, f"client-{i}" if i % 2 else None)
+        for i, p in enumerate(prompts(11, [10 + 3 * i for i in range(CONCURRENT)]))
+    ))
+    gate, rss, many = asyncio.Semaphore(64), [], []
+
+    async def small(i, p):
+        async with gate:
+            many.append(await complete(client, model, p, 4))
+            if len(many) % RSS_EVERY == 0:
+                rss.append((len(many), rss_mib(pid)))
+
+    short = np.random.default_rng(12).integers(0, 1024, (MANY, 8)).tolist()  # no cache blocks to share
+    await asyncio.gather(*(small(i, p) for i, p in enumerate(short)))
+    await client.close()
+    return {"concurrent": first, "many": many, "rss": rss}
+
+
+def serve(tmp: Path, model: Path, log: Path | None) -> dict:
+    """Starts `vllm serve`, sends the traffic, stops it with SIGTERM."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ROUTE_ENV}
+    if log is not None:
+        env.update(VLLM_LOG_MOE=str(log), VLLM_LOG_MOE_LAYERS="all")
+    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(model), "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "32",
+           "--max-num-batched-tokens", "256", "--gpu-memory-utilization", "0.3", "--seed", "1234",
+           # A KV cache of 64 MiB, all of it touched within the first requests: a
+           # 5 GiB one grows the worker's RSS page by page as the block pool cycles.
+           "--num-gpu-blocks-override", "128"]
+    tmp.mkdir()
+    with open(tmp / "server.txt", "w") as sink:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_until(lambda: healthy(proc, port), 600, "the server's /health")
+            result = asyncio.run(traffic(port, str(model), proc.pid))
+            tree = process_tree(proc.pid)
+            proc.send_signal(signal.SIGTERM)  # as a user, systemd or Kubernetes stops it
+            result["returncode"] = proc.wait(timeout=120)
+            # vLLM's API server can exit before its engine's worker, which writes the log.
+            wait_until(lambda: gone(tree), 120, "the server's processes to exit")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    result.update(log=log, model=model, output=(tmp / "server.txt").read_text())
+    return result
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("serve_model")
+    return build_moe(TOP2, tmp / "top2", tokenizer_dir=SHARED / "models" / "qwen1.5-moe-a2.7b-chat")
+
+
+@pytest.fixture(scope="module")
+def served(model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    return serve(tmp / "on", model, tmp / "routes.jsonl")
+
+
+@pytest.fixture(scope="module")
+def served_off(model, tmp_path_factory):
+    return serve(tmp_path_factory.mktemp("serve") / "off", model, None)
+
+
+def test_every_response_joins_its_records(served):
+    """The log's req_id is the response id plus "-<prompt index>" (a completion
+    request may carry several prompts); X-Request-Id sets the response id."""
+    assert served["returncode"] == 0, served["output"][-3000:]
+    requests = [json.loads(line) for line in open(served["log"]) if '"type":"request' in line]
+    starts = {r["req_id"]: r for r in requests if r["type"] == "request"}
+    ends = {r["req_id"]: r for r in requests if r["type"] == "request_end"}
+    responses = served["concurrent"] + served["many"]
+    assert len(starts) == len(ends) == len(responses) == CONCURRENT + MANY
+    for i, resp in enumerate(served["concurrent"]):
+        assert resp["response_id"] == (f"cmpl-client-{i}" if i % 2 else resp["response_id"])
+    for resp in responses:
+        start, end = starts[f"{resp['response_id']}-0"], ends[f"{resp['response_id']}-0"]
+        assert start["prompt_len"] == len(resp["prompt_token_ids"])
+        assert end["finished"] and end["routed_positions"] == (
+            len(resp["prompt_token_ids"]) + len(resp["token_ids"]) - 1 - start["prompt_tokens_cached"])
+
+
+def test_sigterm_leaves_a_complete_log_without_duplicates(served):
+    """`vllm serve` stops its engine with --shutdown-timeout 0 by default: SIGKILL to
+    the engine's processes right after SIGTERM, before any exit handler. The log was
+    idle by then, so it ends with the provisional 'end' of its last request."""
+    log = analysis_read_log(served["log"])
+    assert log.end is not None, log.notes
+    assert log.end["requests_ended"] == log.end["requests"] == CONCURRENT + MANY
+    assert log.end["final"] or any("provisional 'end'" in note for note in log.notes)
+    assert log.duplicates == 0 and not log.truncated_tail
+    assert log.records == log.end["route_records"]
+    assert log.requests == CONCURRENT + MANY
+
+
+def test_concurrent_requests_match_the_oracle(served, tmp_path):
+    joined = {f"{r['response_id']}-0": r for r in served["concurrent"]}
+    only = tmp_path / "concurrent.jsonl"
+    with open(served["log"]) as src, open(only, "w") as dst:
+        for line in src:
+            rid = json.loads(line).get("req_id") if '"req_id"' in line else None
+            if rid is None or rid in joined:
+                dst.write(line)
+    outputs = [{"id": rid, "prompt_token_ids": r["prompt_token_ids"], "samples": [r["token_ids"]]}
+               for rid, r in joined.items()]
+    run = dataclasses.make_dataclass("Run", ["log", "result"])(only, {"outputs": outputs})
+    counts = check_against_oracle(run, served["model"], layers=[0, 1, 2, 3])
+    assert counts["compared"] == 4 * sum(len(o["prompt_token_ids"]) + 12 - 1 for o in outputs)
+
+
+def test_memory_stays_bounded_over_2000_requests(served, served_off):
+    """Resident memory of each server process after 500, 1,000, 1,500 and 2,000 small
+    requests, with and without the log. vLLM's CPU worker grows by itself (about 90
+    MiB from 500 to 2,000 requests, log or not); the log keeps no per-request state
+    past a request's end and a bounded queue, so it must not add to that growth."""
+    def growth(run) -> dict[str, float]:
+        rss = run["rss"]
+        assert [n for n, _ in rss] == [500, 1000, 1500, 2000]
+        first, last = rss[0][1], rss[-1][1]
+        return {name.split()[0]: last[name] - first[name] for name in first if name in last}
+
+    on, off = growth(served), growth(served_off)
+    report(dataclasses.make_dataclass("Run", ["log"])(served["log"]), {
+        "rss_mib_after_requests": {label: {n: {k.split()[0]: round(v) for k, v in m.items()} for n, m in run["rss"]}
+                                   for label, run in (("log", served), ("no_log", served_off))}})
+    assert on.keys() == off.keys()
+    assert all(on[name] - off[name] < 24 for name in on), (on, off)
