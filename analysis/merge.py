@@ -33,11 +33,12 @@ def find_shards(log: str | Path) -> list[Path]:
     """The shard files of LOG, in the order its meta headers list them."""
     log = Path(log)
     root, ext = os.path.splitext(str(log))
-    found = sorted(glob.glob(f"{glob.escape(root)}.dp*{ext}") + glob.glob(f"{glob.escape(root)}.pp*{ext}"))
+    found = glob.glob(f"{glob.escape(root)}.dp*{ext}") + glob.glob(f"{glob.escape(root)}.pp*{ext}")
     if not found:
         raise MergeError(f"no shards of {log} ({log.stem}.dpN / .ppN{ext}) found; "
                          "only engines with pipeline or data parallelism write shards")
-    names = _meta(Path(found[0]))["parallel"]["shards"]
+    # The newest shard names its run's set (an older run may have left other names).
+    names = _meta(Path(max(found, key=os.path.getmtime)))["parallel"]["shards"]
     missing = [n for n in names if not (log.parent / n).exists()]
     if missing:
         raise MergeError(f"shard(s) {missing} of {log} are missing; expected {names}")

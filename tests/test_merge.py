@@ -1,6 +1,7 @@
 """analysis.merge on hand-made shards: what is joined, what is refused, what is reported."""
 
 import json
+import os
 
 import pytest
 
@@ -71,3 +72,13 @@ def test_a_killed_shard_leaves_the_merged_log_incomplete(tmp_path):
 def test_cli_without_shards_exits_2(tmp_path, capsys):
     assert main([str(tmp_path / "log.jsonl")]) == 2
     assert "no shards" in capsys.readouterr().err
+
+
+def test_the_newest_run_names_the_shards(tmp_path):
+    stale = shard_lines(0, "old")
+    stale[0]["parallel"] |= {"pipeline_parallel_size": 2, "shards": ["log.dp0.pp0.jsonl", "log.dp0.pp1.jsonl"]}
+    write(tmp_path / "log.dp0.pp0.jsonl", stale)
+    os.utime(tmp_path / "log.dp0.pp0.jsonl", (1, 1))
+    write(tmp_path / "log.dp0.jsonl", shard_lines(0, "a"))
+    write(tmp_path / "log.dp1.jsonl", shard_lines(1, "b"))
+    assert merge(tmp_path / "log.jsonl")["shards"] == ["log.dp0.jsonl", "log.dp1.jsonl"]

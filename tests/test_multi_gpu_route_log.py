@@ -45,7 +45,6 @@ class Runs(dict):
             spec["requests"] = [r for wave in spec.pop("waves") for r in wave]
         env = {"VLLM_LOG_MOE": str(self.tmp / f"{name}.jsonl"), **ALL}
         run = run_engine(self.tmp / name, spec, env, job=job)
-        (self.tmp / name / "output.txt").write_text(run.output)
         assert run.returncode == 0, run.output[-4000:]
         self[name] = run
         return run

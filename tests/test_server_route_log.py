@@ -1,8 +1,9 @@
 """`vllm serve` with VLLM_LOG_MOE set: concurrent OpenAI clients, 2,000 requests, SIGTERM.
 
-One server process for the module (CPU backend, tiny top-2 model with Qwen's
-tokenizer). Prompts are token ids and responses carry token ids (vLLM's
-`return_token_ids`), so every request can be held to the oracle.
+Two server processes, with and without the log (CPU backend, the tiny top-4 demo model
+with Qwen's tokenizer). Completion prompts are token ids and responses carry token ids
+(vLLM's `return_token_ids`), so those requests can be held to the oracle; chat
+requests are joined by their response id.
 """
 
 import asyncio
@@ -21,11 +22,11 @@ import pytest
 
 from analysis.logfile import read_log as analysis_read_log
 from conftest import ROUTE_ENV, SHARED, process_tree, wait_until
-from experiments.tiny_moe import TOP2, build_moe
+from experiments.tiny_moe import DEMO, build_moe
 from route_checks import check_against_oracle, prompts, report
 
 pytestmark = pytest.mark.engine
-CONCURRENT, MANY, RSS_EVERY = 32, 2000, 500
+CONCURRENT, CHATS, MANY, RSS_EVERY = 32, 4, 2000, 500
 
 
 def free_port() -> int:
@@ -73,16 +74,26 @@ async def complete(client, model, prompt, max_tokens, request_id=None) -> dict:
     return {"response_id": resp.id, "prompt_token_ids": choice.prompt_token_ids, "token_ids": choice.token_ids}
 
 
+async def chat(client, model, i) -> dict:
+    resp = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}],
+        max_tokens=6, temperature=0.0, extra_body={"ignore_eos": True},
+    )
+    return {"response_id": resp.id, "prompt_tokens": resp.usage.prompt_tokens,
+            "completion_tokens": resp.usage.completion_tokens}
+
+
 async def traffic(port: int, model: str, pid: int) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                 timeout=300)
-    # 32 at once, half of them with the caller's own id (X-Request-Id).
-    first = await asyncio.gather(*(
+    # 32 completions and 4 chats at once, half of the completions with the caller's
+    # own id (X-Request-Id).
+    *first, chats = await asyncio.gather(*(
         complete(client, model, p, 12, f"client-{i}" if i % 2 else None)
         for i, p in enumerate(prompts(11, [10 + 3 * i for i in range(CONCURRENT)]))
-    ))
+    ), asyncio.gather(*(chat(client, model, i) for i in range(CHATS))))
     gate, rss, many = asyncio.Semaphore(64), [], []
 
     async def small(i, p):
@@ -94,7 +105,7 @@ async def traffic(port: int, model: str, pid: int) -> dict:
     short = np.random.default_rng(12).integers(0, 1024, (MANY, 8)).tolist()  # no cache blocks to share
     await asyncio.gather(*(small(i, p) for i, p in enumerate(short)))
     await client.close()
-    return {"concurrent": first, "many": many, "rss": rss}
+    return {"concurrent": first, "chats": chats, "many": many, "rss": rss}
 
 
 def serve(tmp: Path, model: Path, log: Path | None) -> dict:
@@ -132,7 +143,8 @@ def serve(tmp: Path, model: Path, log: Path | None) -> dict:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("serve_model")
-    return build_moe(TOP2, tmp / "top2", tokenizer_dir=SHARED / "models" / "qwen1.5-moe-a2.7b-chat")
+    # Qwen's vocabulary, so that chat prompts (tokenised by the server) fit the model.
+    return build_moe(DEMO, tmp / "demo", tokenizer_dir=SHARED / "models" / "qwen1.5-moe-a2.7b-chat")
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +159,14 @@ def served_off(model, tmp_path_factory):
 
 
 def test_every_response_joins_its_records(served):
-    """The log's req_id is the response id plus "-<prompt index>" (a completion
-    request may carry several prompts); X-Request-Id sets the response id."""
+    """A completion's req_id is the response id plus "-<prompt index>" (a request may
+    carry several prompts), a chat's the response id; X-Request-Id sets the id."""
     assert served["returncode"] == 0, served["output"][-3000:]
     requests = [json.loads(line) for line in open(served["log"]) if '"type":"request' in line]
     starts = {r["req_id"]: r for r in requests if r["type"] == "request"}
     ends = {r["req_id"]: r for r in requests if r["type"] == "request_end"}
     responses = served["concurrent"] + served["many"]
-    assert len(starts) == len(ends) == len(responses) == CONCURRENT + MANY
+    assert len(starts) == len(ends) == len(responses) + CHATS == CONCURRENT + CHATS + MANY
     for i, resp in enumerate(served["concurrent"]):
         assert resp["response_id"] == (f"cmpl-client-{i}" if i % 2 else resp["response_id"])
     for resp in responses:
@@ -162,6 +174,11 @@ def test_every_response_joins_its_records(served):
         assert start["prompt_len"] == len(resp["prompt_token_ids"])
         assert end["finished"] and end["routed_positions"] == (
             len(resp["prompt_token_ids"]) + len(resp["token_ids"]) - 1 - start["prompt_tokens_cached"])
+    for resp in served["chats"]:
+        start, end = starts[resp["response_id"]], ends[resp["response_id"]]
+        assert resp["response_id"].startswith("chatcmpl-") and start["prompt_len"] == resp["prompt_tokens"]
+        assert end["finished"] and end["routed_positions"] == (
+            resp["prompt_tokens"] + resp["completion_tokens"] - 1 - start["prompt_tokens_cached"])
 
 
 def test_sigterm_leaves_a_complete_log_without_duplicates(served):
@@ -170,11 +187,11 @@ def test_sigterm_leaves_a_complete_log_without_duplicates(served):
     idle by then, so it ends with the provisional 'end' of its last request."""
     log = analysis_read_log(served["log"])
     assert log.end is not None, log.notes
-    assert log.end["requests_ended"] == log.end["requests"] == CONCURRENT + MANY
+    assert log.end["requests_ended"] == log.end["requests"] == CONCURRENT + CHATS + MANY
     assert log.end["final"] or any("provisional 'end'" in note for note in log.notes)
     assert log.duplicates == 0 and not log.truncated_tail
     assert log.records == log.end["route_records"]
-    assert log.requests == CONCURRENT + MANY
+    assert log.requests == CONCURRENT + CHATS + MANY
 
 
 def test_concurrent_requests_match_the_oracle(served, tmp_path):
