@@ -204,10 +204,11 @@ def test_concurrent_requests_match_the_oracle(served, tmp_path):
 
 def test_memory_levels_off_over_4000_requests(served):
     """Resident memory of each server process every 500 requests. The worker, which
-    writes the log, rises over the first ~2,000 (malloc arenas of the writer thread,
-    and vLLM's own growth: BENCHMARKS.md) and must then level off: the log keeps no
-    state past a request's end and its queue is bounded. A leak of 25 kB per request
-    would add 48 MiB over the last 2,000."""
+    writes the log, rises over the first ~2,000 requests (malloc arenas of the writer
+    thread) and then levels off; vLLM's own worker also grows by 0-90 MiB at random
+    (BENCHMARKS.md). So this bound catches gross growth only: anything near 64 kB kept
+    per request (every rendered line, say) or an unbounded queue behind a slow writer.
+    The queue's bound itself is tested in test_route_log_writer."""
     rss = dict(served["rss"])
     assert list(rss) == list(range(RSS_EVERY, MANY + 1, RSS_EVERY))
     half, last = rss[MANY // 2], rss[MANY]
@@ -215,4 +216,4 @@ def test_memory_levels_off_over_4000_requests(served):
     report(dataclasses.make_dataclass("Run", ["log"])(served["log"]),
            {"rss_mib_after_requests": {n: {k.split()[0]: round(v) for k, v in m.items()} for n, m in rss.items()},
             "growth_mib_second_half": growth})
-    assert max(growth.values()) < 48, (growth, served["rss"])
+    assert max(growth.values()) < 128, (growth, served["rss"])
