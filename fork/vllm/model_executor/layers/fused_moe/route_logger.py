@@ -48,7 +48,9 @@ COVERAGE = (
     "no route records: each request's 'request' record gives prompt_len and "
     "prompt_tokens_cached. The last generated token is never fed back, so it has none. "
     "'request_end' closes a request (finished false: still running at shutdown). "
-    "Requests no caller sent (vLLM's warm-up) are not logged; 'end' counts them."
+    "Requests no caller sent (vLLM's warm-up) are not logged; 'end' counts them. "
+    "An 'end' with final false was written when no request was open and the engine's "
+    "processes were then stopped without closing the log: complete up to ended_at."
 )
 
 
