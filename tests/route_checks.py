@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 
-from conftest import engine_kwargs
+from conftest import EngineRun, engine_kwargs
 from oracle import TIE_GAP, RoutingOracle
 
 WEIGHT_TOL = 1e-5
@@ -95,7 +95,19 @@ def check_against_oracle(
     return counts
 
 
-def report(run, counts: Counter) -> None:
+def restricted(log, outputs: list[dict], path) -> EngineRun:
+    """A run of just ``outputs``: their records of ``log`` (and the header lines)
+    copied to ``path``, for check_against_oracle when the log holds other requests."""
+    keep = {o["id"] for o in outputs}
+    with open(log) as src, open(path, "w") as dst:
+        for line in src:
+            record = json.loads(line)
+            if "req_id" not in record or record["req_id"] in keep:
+                dst.write(line)
+    return EngineRun(0, {"outputs": outputs}, "", path, path.parent)
+
+
+def report(run, counts) -> None:
     path = os.environ.get("ROUTE_CHECK_REPORT")
     if path:
         with open(path, "a") as f:

@@ -83,24 +83,30 @@ def test_every_record_matches_the_oracle(runs, models, name):
     assert counts["compared"] > 900  # fewer if the second sample hit the prefix cache
 
 
-def test_default_mode_equals_eager(runs):
-    """Compiled + CUDA graphs vs eager on the greedy requests both runs share: same
-    tokens, ids equal but for rare near-ties (<= 0.2%), weights within the GPU tolerance."""
-    assert greedy_outputs(runs["default"]) == greedy_outputs(runs["eager"])
-    default, eager = routes_by_key(runs["default"]), routes_by_key(runs["eager"])
-    greedy_ids = {o["id"] for o in greedy_outputs(runs["default"])}
-    shared = [k for k in default if k[0] in greedy_ids]
-    assert shared and all(k in eager for k in shared)
-    differ = [k for k in shared if sorted(default[k]["topk_ids"]) != sorted(eager[k]["topk_ids"])]
+def assert_same_greedy_routing(run_a, run_b, label: str) -> None:
+    """The greedy requests of two runs: same tokens, every record of ``run_a`` in
+    ``run_b``, ids equal but for rare near-ties (<= 0.2%), weights within the GPU
+    tolerance; the measured values go to the report as ``label``."""
+    assert greedy_outputs(run_a) == greedy_outputs(run_b)
+    a, b = routes_by_key(run_a), routes_by_key(run_b)
+    greedy_ids = {o["id"] for o in greedy_outputs(run_a)}
+    shared = [k for k in a if k[0] in greedy_ids]
+    assert shared and all(k in b for k in shared)
+    differ = [k for k in shared if sorted(a[k]["topk_ids"]) != sorted(b[k]["topk_ids"])]
     errors = [
-        abs(dict(zip(default[k]["topk_ids"], default[k]["topk_weights"]))[e] - w)
+        abs(dict(zip(a[k]["topk_ids"], a[k]["topk_weights"]))[e] - w)
         for k in shared if k not in differ
-        for e, w in zip(eager[k]["topk_ids"], eager[k]["topk_weights"])
+        for e, w in zip(b[k]["topk_ids"], b[k]["topk_weights"])
     ]
-    report(runs["default"], Counter(default_vs_eager_records=len(shared), id_differences=len(differ),
-                                   max_weight_difference=max(errors)))
+    report(run_a, Counter(**{f"{label}_records": len(shared)}, id_differences=len(differ),
+                          max_weight_difference=max(errors)))
     assert len(differ) <= 0.002 * len(shared), differ[:5]
     assert max(errors) < GPU_WEIGHT_TOL
+
+
+def test_default_mode_equals_eager(runs):
+    """Compiled + CUDA graphs vs eager."""
+    assert_same_greedy_routing(runs["default"], runs["eager"], "default_vs_eager")
 
 
 def test_ids_equal_vllms_own_routed_expert_capture(runs):

@@ -1,7 +1,6 @@
 """The route log at the serving loop's edges and under faults, on vLLM's CPU backend:
 preemption with recomputation, aborts, SIGKILL mid-run, and a write failure mid-run."""
 
-import dataclasses
 import json
 import os
 import resource
@@ -12,7 +11,7 @@ import pytest
 from analysis.logfile import read_log as analysis_read_log
 from conftest import process_tree, run_engine, wait_until
 from oracle import RoutingOracle
-from route_checks import check_against_oracle, greedy, prompts, read_log
+from route_checks import check_against_oracle, greedy, prompts, read_log, restricted
 
 pytestmark = pytest.mark.engine
 ALL = {"VLLM_LOG_MOE_LAYERS": "all"}
@@ -47,16 +46,9 @@ def test_recomputed_positions_are_logged_once(preempted, models, tmp_path):
     assert sum(recomputed.values()) > 0, f"no preemption happened: {recomputed}"
     assert end["final"] is True
     # The oracle check asserts every (request, position, layer) exactly once.
-    check_against_oracle(without(preempted, "aborted", tmp_path), models["top2"], layers=[0, 1, 2, 3])
-
-
-def without(run, req_id: str, tmp_path):
-    """The run with one request's outputs and records left out."""
-    log = tmp_path / "without.jsonl"
-    with open(run.log) as src, open(log, "w") as dst:
-        dst.writelines(line for line in src if f'"req_id":"{req_id}"' not in line)
-    outputs = [o for o in run.result["outputs"] if o["id"] != req_id]
-    return dataclasses.replace(run, log=log, result={"outputs": outputs})
+    finished = [o for o in preempted.result["outputs"] if o["id"] != "aborted"]
+    check_against_oracle(restricted(preempted.log, finished, tmp_path / "finished.jsonl"),
+                         models["top2"], layers=[0, 1, 2, 3])
 
 
 def test_an_aborted_request_keeps_its_records_and_ends(preempted, models):

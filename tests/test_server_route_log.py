@@ -6,7 +6,6 @@ requests are joined by their response id.
 """
 
 import asyncio
-import dataclasses
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +22,7 @@ import pytest
 from analysis.logfile import read_log as analysis_read_log
 from conftest import ROUTE_ENV, SHARED, process_tree, wait_until
 from experiments.tiny_moe import DEMO, build_moe
-from route_checks import check_against_oracle, prompts, report
+from route_checks import check_against_oracle, prompts, report, restricted
 
 pytestmark = pytest.mark.engine
 CONCURRENT, CHATS, MANY, RSS_EVERY = 32, 4, 4000, 500
@@ -188,16 +188,9 @@ def test_sigterm_leaves_a_complete_log_without_duplicates(served):
 
 
 def test_concurrent_requests_match_the_oracle(served, tmp_path):
-    joined = {f"{r['response_id']}-0": r for r in served["concurrent"]}
-    only = tmp_path / "concurrent.jsonl"
-    with open(served["log"]) as src, open(only, "w") as dst:
-        for line in src:
-            rid = json.loads(line).get("req_id") if '"req_id"' in line else None
-            if rid is None or rid in joined:
-                dst.write(line)
-    outputs = [{"id": rid, "prompt_token_ids": r["prompt_token_ids"], "samples": [r["token_ids"]]}
-               for rid, r in joined.items()]
-    run = dataclasses.make_dataclass("Run", ["log", "result"])(only, {"outputs": outputs})
+    outputs = [{"id": f"{r['response_id']}-0", "prompt_token_ids": r["prompt_token_ids"],
+                "samples": [r["token_ids"]]} for r in served["concurrent"]]
+    run = restricted(served["log"], outputs, tmp_path / "concurrent.jsonl")
     counts = check_against_oracle(run, served["model"], layers=[0, 1, 2, 3])
     assert counts["compared"] == 4 * sum(len(o["prompt_token_ids"]) + 12 - 1 for o in outputs)
 
@@ -213,7 +206,7 @@ def test_memory_levels_off_over_4000_requests(served):
     assert list(rss) == list(range(RSS_EVERY, MANY + 1, RSS_EVERY))
     half, last = rss[MANY // 2], rss[MANY]
     growth = {name.split()[0]: last[name] - half[name] for name in half if name in last}
-    report(dataclasses.make_dataclass("Run", ["log"])(served["log"]),
+    report(SimpleNamespace(log=served["log"]),
            {"rss_mib_after_requests": {n: {k.split()[0]: round(v) for k, v in m.items()} for n, m in rss.items()},
             "growth_mib_second_half": growth})
     assert max(growth.values()) < 128, (growth, served["rss"])

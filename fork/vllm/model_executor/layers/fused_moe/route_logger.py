@@ -79,9 +79,9 @@ def moe_routers(model: torch.nn.Module) -> dict[int, Any]:
 def select_layers(
     wanted: tuple[int, ...] | None, moe_layers: list[int], stage: range | None = None
 ) -> list[int]:
-    """The wanted layers among ``moe_layers``; with pipeline parallelism, those of
-    this stage (decoder layers ``stage``), whose MoE layers ``moe_layers`` are:
-    the other stages log their own."""
+    """The wanted layers, checked against ``moe_layers``. With pipeline parallelism
+    ``stage`` is this stage's decoder layers and ``moe_layers`` its MoE layers; the
+    wanted layers of other stages are theirs to log."""
     if not moe_layers and stage is None:
         raise RouteLogError(f"{ENV_PATH} is set but the model has no MoE layers")
     if wanted is None:
@@ -164,7 +164,8 @@ class RouteLogger:
         self.ids = torch.zeros(rows, len(self.layers), top_k, dtype=torch.int32, device=device)
         self.weights = torch.zeros(rows, len(self.layers), top_k, dtype=torch.float32, device=device)
         self.requests: dict[str, _Request] = {}
-        self.not_logged: list[str] = []  # engine ids of requests without a caller
+        self.not_logged = 0  # requests without a caller (vLLM's warm-up)
+        self.not_logged_ids: list[str] = []  # the first 20 of them
         path = layout.shard_path(config.path, layout.dp_rank, layout.pp_rank)
         meta = self._meta(vllm_config, routers, router, layout.meta(config.path))
         # Requests are split across DP ranks: say which one served each.
@@ -185,8 +186,8 @@ class RouteLogger:
         self.writer.close()
 
     def _end_fields(self) -> dict:
-        return {"requests_not_logged": len(self.not_logged),
-                "requests_not_logged_ids": self.not_logged[:20]}
+        return {"requests_not_logged": self.not_logged,
+                "requests_not_logged_ids": list(self.not_logged_ids)}
 
     def _capture(self, slot: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
         # Inside the forward: device copies only (recorded into CUDA graphs).
@@ -202,7 +203,9 @@ class RouteLogger:
                 continue
             request = _request_from(new_req)
             if request is None:
-                self.not_logged.append(new_req.req_id)
+                self.not_logged += 1
+                if len(self.not_logged_ids) < 20:
+                    self.not_logged_ids.append(new_req.req_id)
                 continue
             self.requests[new_req.req_id] = request
             self.writer.put(RequestStart(request))
