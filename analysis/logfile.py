@@ -218,6 +218,9 @@ class _Reader:
                              f"(a kill, or vLLM's immediate shutdown); it ends with the "
                              f"provisional 'end' of {log.end['ended_at']}, when no request "
                              "was open: complete up to then")
+        if log.end and log.end.get("write_error"):
+            log.notes.append(f"the writer stopped at a write error ({log.end['write_error']}); "
+                             "records after it are missing")
         shards = log.meta.get("parallel", {}).get("shards", [])
         if "writer" in log.meta.get("parallel", {}) and len(shards) > 1:
             log.notes.append(f"one shard of {len(shards)} ({', '.join(shards)}); "

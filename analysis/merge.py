@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-SUMMED = ("steps", "route_records", "engine_waits", "requests_not_logged")
+SUMMED = ("steps", "route_records", "engine_waits", "engine_wait_s", "requests_not_logged")
 
 
 class MergeError(ValueError):

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_analysis.py --records 10000000 --log /tmp/big.jsonl
 
-The log is written with the fork's own renderer (route_log_writer.render_routes), so its
+The log is written with the fork's own renderer (route_log_render.render_rows), so its
 lines are byte-for-byte what the engine writes: 24 layers, top-4 of 60 experts, requests
 of 100 prompt + 128 generated positions, skewed expert popularity. The analysis runs in a
 fresh process whose peak RSS is read from the kernel (ru_maxrss), together with its wall time.
@@ -22,7 +22,7 @@ LAYERS, EXPERTS, TOP_K, PROMPT, GENERATED = 24, 60, 4, 100, 128
 
 
 def generate(path: Path, records: int, seed: int = 0) -> int:
-    from vllm.model_executor.layers.fused_moe.route_log_writer import render_routes
+    from vllm.model_executor.layers.fused_moe.route_log_render import render_rows
 
     rng = np.random.default_rng(seed)
     popularity = rng.dirichlet(np.full(EXPERTS, 0.5))
@@ -46,9 +46,9 @@ def generate(path: Path, records: int, seed: int = 0) -> int:
             ids = np.argpartition(-scores, TOP_K, axis=2)[:, :, :TOP_K].astype(np.int32)
             raw = rng.random((rows, LAYERS, TOP_K), dtype=np.float32) + 0.05
             weights = raw / raw.sum(axis=2, keepdims=True)
-            spans = [(f'"req_id":"{n}",'.encode(), 0, i * positions, (i + 1) * positions)
-                     for i, n in enumerate(names)]
-            f.write(render_routes(ids, weights, spans, list(range(LAYERS))))
+            prefixes = np.array([[f'"req_id":"{n}",'.ljust(24).encode()] for n in names]).view(np.uint8)
+            f.write(render_rows(ids, weights, np.repeat(prefixes, positions, axis=0),
+                                np.tile(np.arange(positions), len(names)), list(range(LAYERS))))
             written += rows * LAYERS
         f.write(json.dumps({"type": "end", "route_records": written}).encode() + b"\n")
     return written

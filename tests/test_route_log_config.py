@@ -32,7 +32,9 @@ def test_bad_layer_lists(spec):
 def test_defaults_and_off(tmp_path):
     assert RouteLogConfig.from_env({}) is None
     config = RouteLogConfig.from_env({"VLLM_LOG_MOE": str(tmp_path / "r.jsonl")})
-    assert config == RouteLogConfig(str(tmp_path / "r.jsonl"), (0,), 64)
+    assert config == RouteLogConfig(str(tmp_path / "r.jsonl"), (0,), None)
+    sized = RouteLogConfig.from_env({"VLLM_LOG_MOE": str(tmp_path / "r.jsonl"), "VLLM_LOG_MOE_BUFFER_MB": "64"})
+    assert sized.buffer_mb == 64
 
 
 def test_relative_path_is_made_absolute(tmp_path, monkeypatch):
@@ -49,8 +51,10 @@ def test_relative_path_is_made_absolute(tmp_path, monkeypatch):
         ({"VLLM_LOG_MOE": "{tmp}/missing/r.jsonl"}, "missing does not exist"),
         ({"VLLM_LOG_MOE_LAYERS": "0"}, "VLLM_LOG_MOE_LAYERS set but VLLM_LOG_MOE is not"),
         ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_LAYER": "0"}, "unknown variable(s) VLLM_LOG_MOE_LAYER"),
-        ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_MAX_PENDING_STEPS": "0"}, "VLLM_LOG_MOE_MAX_PENDING_STEPS='0'"),
-        ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_MAX_PENDING_STEPS": "x"}, "expected a whole number"),
+        ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_BUFFER_MB": "0"}, "VLLM_LOG_MOE_BUFFER_MB='0'"),
+        ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_BUFFER_MB": "x"}, "expected a whole number of MiB"),
+        ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_MAX_PENDING_STEPS": "64"},
+         "unknown variable(s) VLLM_LOG_MOE_MAX_PENDING_STEPS"),
     ],
 )
 def test_bad_settings(tmp_path, env, message):

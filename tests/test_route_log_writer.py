@@ -1,53 +1,59 @@
-"""The JSONL renderer and the writer's file life cycle, without an engine."""
+"""The JSONL renderer and the writer process's life cycle, without an engine: the
+engine side is driven the way the model runner drives it (begin_step, end_forward)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from vllm.model_executor.layers.fused_moe.route_log_writer import (
-    RequestEnd,
-    RequestStart,
-    RouteLogWriter,
-    StepRoutes,
-    render_routes,
-    render_routes_plain,
-)
+from conftest import wait_until
+from vllm.model_executor.layers.fused_moe import route_logger
+from vllm.model_executor.layers.fused_moe.route_log_config import RouteLogConfig, RouteLogError
+from vllm.model_executor.layers.fused_moe.route_log_render import render_rows, render_rows_plain
 
 
-def random_step(seed: int, top_k: int, num_experts: int, scale: float = 1.0):
+def random_rows(seed: int, top_k: int, num_experts: int, scale: float = 1.0):
     rng = np.random.default_rng(seed)
-    rows = 40
-    num_layers = 3
-    ids = rng.integers(0, num_experts, (rows, num_layers, top_k)).astype(np.int32)
-    weights = (rng.random((rows, num_layers, top_k)) * scale).astype(np.float32)
+    rows, layers = 40, [0, 5, 23]
+    ids = rng.integers(0, num_experts, (rows, len(layers), top_k)).astype(np.int32)
+    weights = (rng.random((rows, len(layers), top_k)) * scale).astype(np.float32)
     weights[0, 0, 0] = 1.0
     weights[1, 0, 0] = 0.0
-    spans = [(b'"req_id":"a",', 0, 0, 7), (b'"req_id":"longer-id\\"q",', 118, 7, 8),
-             (b'"req_id":"p","sample":1,', 9995, 10, 40)]  # rows 8-9 belong to nobody
-    return ids, weights, spans, [0, 5, 23]
+    names = [b'"req_id":"a",', b'"req_id":"longer-id\\"q",', b'"req_id":"p","sample":1,']
+    owner = np.repeat([0, 1, 2], [7, 1, 32])
+    prefixes = np.full((rows, max(map(len, names))), ord(" "), np.uint8)
+    for row, o in enumerate(owner):
+        prefixes[row, : len(names[o])] = np.frombuffer(names[o], np.uint8)
+    positions = np.concatenate([np.arange(7), [118], np.arange(9995, 10027)])
+    return ids, weights, prefixes, positions, layers
 
 
-def parse(blob: bytes) -> list[dict]:
+def parse(blob) -> list[dict]:
     return [json.loads(line) for line in bytes(blob).decode().splitlines()]
 
 
 @pytest.mark.parametrize("top_k, num_experts, scale", [(2, 8, 1.0), (4, 60, 1.0), (8, 256, 2.5), (1, 1000, 16.0)])
 def test_fast_renderer_equals_the_plain_one(top_k, num_experts, scale):
-    step = random_step(top_k, top_k, num_experts, scale)
-    fast, slow = parse(render_routes(*step)), parse(render_routes_plain(*step))
-    assert len(fast) == len(slow) == (7 + 1 + 30) * 3
+    rows = random_rows(top_k, top_k, num_experts, scale)
+    fast, slow = parse(render_rows(*rows)), parse(render_rows_plain(*rows))
+    assert len(fast) == len(slow) == 40 * 3
     for f, s in zip(fast, slow):
         assert {k: v for k, v in f.items() if k != "topk_weights"} == {k: v for k, v in s.items() if k != "topk_weights"}
         assert np.allclose(f["topk_weights"], s["topk_weights"], atol=6e-10, rtol=0)
 
 
 def test_records_carry_the_right_rows():
-    ids, weights, spans, layers = random_step(0, 2, 8)
-    records = parse(render_routes(ids, weights, spans, layers))
+    ids, weights, prefixes, positions, layers = random_rows(0, 2, 8)
+    records = parse(render_rows(ids, weights, prefixes, positions, layers))
     last = records[-1]
-    assert (last["req_id"], last["sample"], last["token_idx"], last["layer"]) == ("p", 1, 10024, 23)
+    assert (last["req_id"], last["sample"], last["token_idx"], last["layer"]) == ("p", 1, 10026, 23)
     assert last["topk_ids"] == ids[39, 2].tolist()
     assert np.allclose(last["topk_weights"], weights[39, 2], atol=6e-10)
     assert records[21]["req_id"] == 'longer-id"q' and records[21]["token_idx"] == 118
@@ -55,68 +61,193 @@ def test_records_carry_the_right_rows():
 
 
 def test_values_the_fast_path_cannot_write_fall_back_to_json():
-    ids, weights, spans, layers = random_step(0, 2, 8)
+    ids, weights, prefixes, positions, layers = random_rows(0, 2, 8)
     ids[3, 1, 0] = -1
     weights[4, 2, 1] = np.nan
-    records = parse(render_routes(ids, weights, spans, layers))
+    records = parse(render_rows(ids, weights, prefixes, positions, layers))
     assert records[3 * 3 + 1]["topk_ids"][0] == -1
     assert records[4 * 3 + 2]["topk_weights"][1] is None
 
 
 def test_nothing_scheduled_renders_nothing():
-    assert render_routes(np.zeros((0, 1, 2), np.int32), np.zeros((0, 1, 2), np.float32), [], [0]) == b""
+    empty = np.zeros((0, 1, 2), np.int32)
+    assert render_rows(empty, empty.view(np.float32), np.zeros((0, 4), np.uint8), np.zeros(0), [0]) == b""
 
 
-class FakeRequest:
-    req_id, engine_req_id, sample = "r1", "r1-0123abcd", None
-    prompt_len, prompt_tokens_cached, routed, recomputed = 5, 0, 7, 0
+# The engine side, driven as the model runner drives it.
+
+LAYERS, TOP_K = [0, 5, 23], 2
 
 
-def test_an_idle_writer_leaves_a_provisional_end(tmp_path):
-    """A process killed while no request runs leaves a log that says so."""
-    path = tmp_path / "log.jsonl"
-    writer = RouteLogWriter(str(path), {"type": "meta"}, max_pending_steps=4,
-                            end_fields=lambda: {"requests_not_logged": 3})
-    assert parse(path.read_bytes())[-1]["final"] is False
-    ids, weights, spans, layers = random_step(0, 2, 8)
-    writer.put(RequestStart(FakeRequest()))
-    writer.put(StepRoutes(torch.from_numpy(ids), torch.from_numpy(weights), None, spans, layers))
-    writer._queue.join()
-    assert parse(path.read_bytes())[-1]["type"] == "route"  # a request is open: no end
-    writer.put(RequestEnd(FakeRequest(), finished=True))
-    writer._queue.join()
-    provisional = parse(path.read_bytes())
-    assert [r["type"] for r in provisional].count("end") == 1
-    assert provisional[-1] | {"ended_at": None} == {
-        "type": "end", "final": False, "steps": 1, "route_records": 38 * 3, "requests": 1,
-        "requests_ended": 1, "engine_waits": 0, "requests_not_logged": 3, "write_error": None,
-        "ended_at": None}
-    writer.put(RequestStart(FakeRequest()))
-    writer.close()
-    lines = parse(path.read_bytes())
-    assert [r["type"] for r in lines] == ["meta", "request", *["route"] * 114, "request_end",
-                                          "request", "end"]
-    assert lines[-1]["final"] is True and lines[-1]["requests"] == 2
+def make_logger(path: Path, buffer_mb: int | None = None, max_rows: int = 64) -> route_logger.RouteLogger:
+    env = {"VLLM_LOG_MOE": str(path)} | ({} if buffer_mb is None else {"VLLM_LOG_MOE_BUFFER_MB": str(buffer_mb)})
+    meta = {"type": "meta", "schema": 1, "layers_logged": LAYERS, "top_k": TOP_K}
+    return route_logger.RouteLogger(RouteLogConfig.from_env(env), meta, LAYERS, TOP_K, max_rows,
+                                    torch.device("cpu"), str(path), {})
+
+
+def new_request(name: str, prompt_len: int = 5, cached: int = 0):
+    return SimpleNamespace(req_id=f"{name}-0123abcd", external_req_id=name, prompt_token_ids=[1] * prompt_len,
+                           prompt_embeds=None, num_computed_tokens=cached)
+
+
+def step(logger, new=(), finished=(), batch=(), value: int = 0) -> None:
+    """One engine step: ``batch`` is [(request name, first position, rows)]; every row
+    routes to experts (value, position) with weights (0.75, 0.25)."""
+    logger.begin_step(SimpleNamespace(scheduled_new_reqs=list(new),
+                                      finished_req_ids={f"{n}-0123abcd" for n in finished}))
+    counts = [rows for _, _, rows in batch]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    for (_, first, rows), start in zip(batch, starts):
+        logger.ids[start : start + rows, :, 0] = value
+        logger.ids[start : start + rows, :, 1] = torch.arange(first, first + rows)[:, None] % 1000
+        logger.weights[start : start + rows] = torch.tensor([0.75, 0.25])
+    logger.end_forward([f"{n}-0123abcd" for n, _, _ in batch], starts,
+                       np.array([first for _, first, _ in batch], dtype=np.int32))
+
+
+def lines_of(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    return parse(data[: data.rfind(b"\n") + 1])
+
+
+def tail_is(path: Path, kind: str, count: int | None = None) -> bool:
+    """While the writer runs: a read can catch a line half written, or the provisional
+    'end' half replaced by the next write; such a read is taken as 'not yet'."""
+    try:
+        lines = lines_of(path)
+    except ValueError:
+        return False
+    return bool(lines) and lines[-1]["type"] == kind and count in (None, len(lines))
 
 
 def test_writer_life_cycle(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text("old contents\n")
-    writer = RouteLogWriter(str(path), {"type": "meta", "x": 1}, max_pending_steps=1)
-    with pytest.raises(ValueError, match="being written by another engine"):
-        RouteLogWriter(str(path), {"type": "meta"}, max_pending_steps=1)
-    ids, weights, spans, layers = random_step(0, 2, 8)
-    for _ in range(5):  # a queue of one: the writer pushes back instead of dropping
-        writer.put(StepRoutes(torch.from_numpy(ids), torch.from_numpy(weights), None, spans, layers))
-    writer.put(RequestEnd(FakeRequest(), finished=True))
-    writer.close()
-    writer.close()
-    lines = parse(path.read_bytes())
-    assert lines[0] == {"type": "meta", "x": 1}
-    assert sum(r["type"] == "route" for r in lines) == 5 * 38 * 3
-    assert lines[-2] == {"type": "request_end", "req_id": "r1", "routed_positions": 7,
-                         "recomputed_positions": 0, "finished": True}
+    logger = make_logger(path)
+    with pytest.raises(RouteLogError, match="being written by another engine"):
+        make_logger(path)
+    step(logger, new=[new_request("a"), new_request("b", 3)], batch=[("a", 0, 5), ("b", 0, 3)])
+    step(logger, batch=[("a", 5, 1), ("b", 3, 1)], value=7)
+    step(logger, finished=["b"], batch=[("a", 6, 1)])
+    logger.close()
+    logger.close()
+    lines = lines_of(path)
+    assert lines[0] == {"type": "meta", "schema": 1, "layers_logged": LAYERS, "top_k": TOP_K,
+                        "buffer_bytes": 16 << 20}
+    routes = [r for r in lines if r["type"] == "route"]
+    assert [(r["req_id"], r["token_idx"], r["layer"]) for r in routes[:3]] == [("a", 0, 0), ("a", 0, 5), ("a", 0, 23)]
+    assert len(routes) == (5 + 3 + 2 + 1) * 3
+    assert {(r["req_id"], r["token_idx"]) for r in routes} == {("a", p) for p in range(7)} | {("b", p) for p in range(4)}
+    b4 = next(r for r in routes if r["req_id"] == "b" and r["token_idx"] == 3)
+    assert b4["topk_ids"] == [7, 3] and b4["topk_weights"] == [0.75, 0.25]
+    ends = {r["req_id"]: r for r in lines if r["type"] == "request_end"}
+    assert ends["b"] == {"type": "request_end", "req_id": "b", "finished": True, "routed_positions": 4,
+                         "recomputed_positions": 0}
+    assert ends["a"]["finished"] is False and ends["a"]["routed_positions"] == 7
     end = lines[-1]
-    assert (end["type"], end["final"], end["steps"], end["route_records"], end["requests_ended"]) == (
-        "end", True, 5, 570, 1)
+    assert (end["type"], end["final"], end["steps"], end["route_records"], end["requests"],
+            end["requests_ended"], end["engine_waits"]) == ("end", True, 3, 33, 2, 2, 0)
     assert end["write_error"] is None
+
+
+def test_an_idle_writer_leaves_a_provisional_end(tmp_path):
+    """A process killed while no request runs leaves a log that says so."""
+    path = tmp_path / "log.jsonl"
+    logger = make_logger(path)
+    logger.channel.count_not_logged("_warmup_0_")
+    wait_until(lambda: tail_is(path, "end") and lines_of(path)[-1]["requests_not_logged"] == 1,
+               30, "the first provisional end")
+    step(logger, new=[new_request("a")], batch=[("a", 0, 5)])
+    wait_until(lambda: tail_is(path, "route", 2 + 15), 30, "the step's records")  # a request is open: no end
+    step(logger, finished=["a"])
+    wait_until(lambda: tail_is(path, "end"), 30, "the provisional end")
+    provisional = lines_of(path)
+    assert [r["type"] for r in provisional].count("end") == 1
+    assert provisional[-1]["writer_max_rss_mb"] > 0
+    assert provisional[-1] | {"ended_at": None, "writer_max_rss_mb": None} == {
+        "type": "end", "final": False, "steps": 1, "route_records": 15, "requests": 1,
+        "requests_ended": 1, "engine_waits": 0, "engine_wait_s": 0.0, "requests_not_logged": 1,
+        "requests_not_logged_ids": ["_warmup_0_"], "writer_max_rss_mb": None, "write_error": None,
+        "ended_at": None}
+    step(logger, new=[new_request("c")])
+    logger.close()
+    lines = lines_of(path)
+    assert [r["type"] for r in lines] == ["meta", "request", *["route"] * 15, "request_end",
+                                          "request", "request_end", "end"]
+    assert lines[-1]["final"] is True and lines[-1]["requests"] == 2
+
+
+def test_a_burst_larger_than_the_buffer_is_written_whole_and_in_order(tmp_path):
+    """A 1 MiB ring holds one step of 8,000 rows (0.6 MB), not two: for 30 steps in a
+    row the engine waits for room (counted), and no record is lost or reordered."""
+    path = tmp_path / "log.jsonl"
+    logger = make_logger(path, buffer_mb=1, max_rows=8000)
+    step(logger, new=[new_request(f"r{i}", 200) for i in range(40)])
+    for s in range(30):
+        step(logger, batch=[(f"r{i}", s * 200, 200) for i in range(40)], value=s)
+    step(logger, finished=[f"r{i}" for i in range(40)])
+    logger.close()
+    routes = [r for r in lines_of(path) if r["type"] == "route"]
+    assert len(routes) == 30 * 8000 * 3
+    order = [(r["token_idx"] // 200, int(r["req_id"][1:]), r["token_idx"], r["layer"]) for r in routes]
+    assert order == sorted(order)  # step, then request, then position, then layer
+    assert all(r["topk_ids"] == [r["token_idx"] // 200, r["token_idx"] % 1000] for r in routes)
+    end = lines_of(path)[-1]
+    assert end["final"] is True and end["route_records"] == len(routes) and end["engine_waits"] > 0
+
+
+def test_a_buffer_smaller_than_one_step_is_refused(tmp_path):
+    """40,000 rows x 3 layers x top-2 (ids and weights) plus the row spans: 3.05 MiB."""
+    path = tmp_path / "log.jsonl"
+    with pytest.raises(RouteLogError, match=r"VLLM_LOG_MOE_BUFFER_MB=1: one step of this engine "
+                                            r"needs up to 4 MiB; expected a whole number >= 4"):
+        make_logger(path, buffer_mb=1, max_rows=40_000)
+    assert not path.exists()
+
+
+def test_a_dead_writer_stops_the_log_not_the_engine(tmp_path):
+    path = tmp_path / "log.jsonl"
+    logger = make_logger(path)
+    step(logger, new=[new_request("a")], batch=[("a", 0, 5)])
+    logger.channel.proc.kill()
+    logger.channel.proc.wait()
+    for s in range(5):  # the engine goes on; the first call to find the writer gone says so
+        step(logger, batch=[("a", 5 + s, 1)])
+    assert logger.stopped
+    logger.close()
+    assert lines_of(path)[-1]["type"] != "end"  # the reader reports the missing end
+
+
+ENGINE = """
+import os, sys, numpy as np
+sys.path.insert(0, {tests!r})
+from test_route_log_writer import make_logger, new_request, step
+from pathlib import Path
+logger = make_logger(Path({path!r}))
+step(logger, new=[new_request("a")], batch=[("a", 0, 5)])
+print(logger.channel.proc.pid, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_the_writer_outlives_a_killed_engine_only_to_finish(tmp_path):
+    """SIGKILL of the engine's process alone: the writer writes what it was given,
+    then exits on its own (no orphan)."""
+    path = tmp_path / "log.jsonl"
+    code = ENGINE.format(tests=str(Path(__file__).parent), path=str(path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    writer_pid = int(proc.stdout.split()[-1])
+    wait_until(lambda: not _alive(writer_pid), 30, "the orphaned writer to exit")
+    lines = lines_of(path)
+    assert [r["type"] for r in lines] == ["meta", "request", *["route"] * 15]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
+    return state not in ("Z", "X")

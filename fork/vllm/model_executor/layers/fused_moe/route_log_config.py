@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 ENV_PATH = "VLLM_LOG_MOE"
 ENV_LAYERS = "VLLM_LOG_MOE_LAYERS"
-ENV_MAX_PENDING = "VLLM_LOG_MOE_MAX_PENDING_STEPS"
-KNOWN_ENV = (ENV_PATH, ENV_LAYERS, ENV_MAX_PENDING)
+ENV_BUFFER = "VLLM_LOG_MOE_BUFFER_MB"
+KNOWN_ENV = (ENV_PATH, ENV_LAYERS, ENV_BUFFER)
 LAYERS_HELP = (
     "a decoder-layer index (0), a comma list (0,12,23), an inclusive range "
     "(0-23), a mix of these (0,4-7), or 'all'"
@@ -24,7 +24,7 @@ class RouteLogError(ValueError):
 class RouteLogConfig:
     path: str
     layers: tuple[int, ...] | None  # None: every MoE layer
-    max_pending_steps: int
+    buffer_mb: int | None  # shared memory between engine and writer; None: 16 full steps
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "RouteLogConfig | None":
@@ -45,7 +45,7 @@ class RouteLogConfig:
         return cls(
             path=_check_path(environ[ENV_PATH]),
             layers=parse_layers(environ.get(ENV_LAYERS, "0")),
-            max_pending_steps=_parse_positive(environ.get(ENV_MAX_PENDING, "64")),
+            buffer_mb=_parse_positive(environ[ENV_BUFFER]) if ENV_BUFFER in environ else None,
         )
 
 
@@ -72,7 +72,7 @@ def parse_layers(spec: str) -> tuple[int, ...] | None:
 
 def _parse_positive(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
-        raise RouteLogError(f"{ENV_MAX_PENDING}={text!r}: expected a whole number >= 1")
+        raise RouteLogError(f"{ENV_BUFFER}={text!r}: expected a whole number of MiB >= 1")
     return int(text)
 
 

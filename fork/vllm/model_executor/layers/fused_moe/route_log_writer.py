@@ -1,257 +1,218 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Background JSONL writer of the MoE route log (see route_logger.py).
+"""The route-log writer process: renders and appends what the engine's worker sends.
 
-The engine thread only enqueues; this thread waits for each step's device-to-host
-copy, renders its records with numpy (whole columns at a time, so the GIL is
-mostly free for the engine) and appends them. The queue is bounded: when the
-writer falls behind, ``put`` blocks the engine (back-pressure) and the wait is
-counted in the closing record, so no record is ever dropped silently.
+Started by route_log_channel.RouteLogChannel with the log file (locked, meta line
+written), the ring's memfd and the pipe's read end. It runs beside the engine, on
+its own core and with its own GIL, so rendering never competes with the engine's
+thread. It imports numpy only. It ends when the pipe closes: after CLOSE with the
+final 'end' record; without CLOSE (the engine died) with what it had.
 
-Whenever the queue is drained and every request seen has ended, the file ends with
-a provisional 'end' record ("final": false), cut off again before the next write:
-an engine killed while idle (vLLM force-kills engine processes that do not exit
-within seconds of a shutdown) leaves a log that says it was complete up to then.
+Whenever the pipe is drained and every request seen has ended, the file ends with a
+provisional 'end' record ("final": false), cut off again before the next write: an
+engine killed while idle leaves a log that says it was complete up to then.
+SIGINT and SIGTERM are ignored: the engine decides when the log ends.
 """
 
-import fcntl
 import json
-import queue
-import threading
+import os
+import select
+import signal
+import sys
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from vllm.logger import init_logger
+from .route_log_channel import (
+    CLOSE,
+    ENGINE_WAITS,
+    FRAME,
+    NOT_LOGGED,
+    NOT_LOGGED_ID,
+    REQUEST,
+    REQUEST_END,
+    REQUEST_END_HEAD,
+    REQUEST_HEAD,
+    STEP,
+    STEP_HEAD,
+    WAIT_NS,
+    RingReader,
+    step_layout,
+)
+from .route_log_render import render_rows
 
-logger = init_logger(__name__)
-
-WEIGHT_SCALE = 10**9  # weights are written with 9 decimals: |error| <= 5e-10
-
-
-@dataclass
-class StepRoutes:
-    ids: Any  # torch int32 [num_rows, num_logged_layers, top_k], host memory once ready
-    weights: Any  # torch float32, same shape
-    ready: Any  # torch.cuda.Event to wait on, or None
-    spans: list  # (request prefix bytes, first position, first row, end row)
-    layers: list[int]
-
-
-@dataclass
-class RequestStart:
-    request: Any  # route_logger._Request, first seen by the worker
-
-
-@dataclass
-class RequestEnd:
-    request: Any  # route_logger._Request
-    finished: bool  # False: still running when the engine shut down
+CHUNK_RECORDS = 1 << 15  # rendered at a time: bounds the writer's own memory
 
 
-def render_routes(ids: np.ndarray, weights: np.ndarray, spans, layers) -> bytes | memoryview:
-    """Route records of one step, one JSON object per line, all columns at once.
-
-    Numbers are right-aligned in fixed-width fields padded with spaces (valid JSON
-    whitespace), so every line of a step has the same length.
-    """
-    if not spans:
-        return b""
-    rows = np.concatenate([np.arange(s, e) for _, _, s, e in spans])
-    pos = np.concatenate([np.arange(p, p + e - s) for _, p, s, e in spans])
-    owner = np.repeat(np.arange(len(spans)), [e - s for _, _, s, e in spans])
-    top_k = ids.shape[2]
-    step_ids, ids = ids, ids[rows].reshape(-1, top_k).astype(np.int64)
-    scaled = np.rint(weights[rows].reshape(-1, top_k).astype(np.float64) * WEIGHT_SCALE)
-    if ids.min() < 0 or not np.isfinite(scaled).all() or scaled.min() < 0:
-        return render_routes_plain(step_ids, weights, spans, layers)
-    scaled = scaled.astype(np.int64)
-    num_layers = len(layers)
-    prefixes = [p for p, _, _, _ in spans]
-    width = max(map(len, prefixes))
-    table = np.full((len(spans), width), ord(" "), dtype=np.uint8)
-    for i, p in enumerate(prefixes):
-        table[i, : len(p)] = np.frombuffer(p, dtype=np.uint8)
-    pieces: list = [b'{"type":"route",', table[np.repeat(owner, num_layers)], b'"token_idx":']
-    pieces += [_digits(np.repeat(pos, num_layers)), b',"layer":']
-    pieces += [_digits(np.tile(np.asarray(layers, dtype=np.int64), len(rows))), b',"topk_ids":[']
-    id_width = _width(ids)
-    for k in range(top_k):
-        pieces += [b"," if k else b"", _digits(ids[:, k], id_width)]
-    pieces.append(b'],"topk_weights":[')
-    int_width = _width(scaled // WEIGHT_SCALE)
-    for k in range(top_k):
-        pieces += [b"," if k else b"", _digits(scaled[:, k] // WEIGHT_SCALE, int_width), b"."]
-        pieces.append(_digits(scaled[:, k] % WEIGHT_SCALE, 9, pad=ord("0")))
-    pieces.append(b"]}\n")
-    return _assemble(pieces, len(rows) * num_layers)
-
-
-def _width(values: np.ndarray) -> int:
-    return len(str(int(values.max()))) if values.size else 1
-
-
-# [1000, 3] uint8: the three zero-padded ASCII digits of 0..999
-_TRIPLES = np.frombuffer("".join(f"{i:03d}" for i in range(1000)).encode(), np.uint8).reshape(-1, 3)
-
-
-def _digits(values: np.ndarray, width: int | None = None, pad: int = ord(" ")) -> np.ndarray:
-    """uint8 [len(values), width]: decimal digits, right-aligned, padded with ``pad``.
-    Three digits per table lookup: integer division is the slow part."""
-    width = width or _width(values)
-    groups = [_TRIPLES[values // 1000**g % 1000] for g in range(-(-width // 3) - 1, -1, -1)]
-    digits = np.concatenate(groups, axis=1)[:, -width:]
-    if pad != ord("0") and width > 1:
-        powers = 10 ** np.arange(width - 1, 0, -1, dtype=np.int64)
-        digits[:, :-1][values[:, None] < powers] = pad
-    return digits
-
-
-def _assemble(pieces: list, num_records: int) -> memoryview:
-    widths = [len(p) if isinstance(p, bytes) else p.shape[1] for p in pieces]
-    out = np.empty((num_records, sum(widths)), dtype=np.uint8)
-    col = 0
-    for piece, w in zip(pieces, widths):
-        if isinstance(piece, bytes):
-            out[:, col : col + w] = np.frombuffer(piece, dtype=np.uint8)
-        else:
-            out[:, col : col + w] = piece
-        col += w
-    return memoryview(out).cast("B")
-
-
-def render_routes_plain(ids, weights, spans, layers) -> bytes:
-    """Record by record, with json, from the same arguments as render_routes: the
-    fallback for values the fast path cannot write (negative ids, non-finite weights)
-    and the reference the tests hold it to."""
-    lines = []
-    for prefix, first, start, end in spans:
-        for position, row in enumerate(range(start, end), first):
-            for slot, layer in enumerate(layers):
-                weights_out = [round(float(w), 9) if np.isfinite(w) else None for w in weights[row, slot]]
-                lines.append(
-                    f'{{"type":"route",{prefix.decode()}"token_idx":{position},"layer":{layer},'
-                    f'"topk_ids":{json.dumps(ids[row, slot].tolist())},'
-                    f'"topk_weights":{json.dumps(weights_out)}}}\n'
-                )
-    return "".join(lines).encode()
-
-
-class RouteLogWriter:
-    """Owns the log file from its meta line to its closing 'end' record."""
-
-    def __init__(self, path: str, meta: dict, max_pending_steps: int,
-                 on_requests: dict | None = None, end_fields=dict):
-        self.path = path
-        self.on_requests = on_requests or {}  # extra fields of request records
-        self.end_fields = end_fields  # () -> the caller's fields of 'end' records
-        self._file = open(path, "ab")  # truncated only once the lock is held
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
-            raise ValueError(
-                f"VLLM_LOG_MOE={path!r} is being written by another engine"
-            ) from None
-        self.stats = {"steps": 0, "route_records": 0, "requests": 0, "requests_ended": 0,
-                      "engine_waits": 0}
+class Writer:
+    def __init__(self, args: dict):
+        self.path = args["path"]
+        self.layers = args["layers"]
+        self.top_k = args["top_k"]
+        self.pipe = args["pipe_fd"]
+        self.file = os.fdopen(args["file_fd"], "ab", buffering=1 << 20)
+        self.ring = RingReader(args["ring_fd"], args["capacity"])
+        self.parent = os.getppid()
+        self.prefix = np.full((64, 64), ord(" "), dtype=np.uint8)  # [slot, byte]
+        self.prefix_len = np.zeros(64, dtype=np.int64)
+        self.stats = {"steps": 0, "route_records": 0, "requests": 0, "requests_ended": 0}
+        self.not_logged_ids: list[str] = []
         self.error: str | None = None
-        self._provisional_end_at: int | None = None  # offset of a provisional 'end'
-        self._file.truncate(0)
-        self._file.write(_json_line(meta))
-        self._at_rest()
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending_steps)
-        self._thread = threading.Thread(target=self._run, name="moe-route-log", daemon=True)
-        self._thread.start()
-        self._closed = False
+        self.provisional_at: int | None = None  # offset of a provisional 'end'
+        self.inbox = bytearray()
 
-    def put(self, item) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self.stats["engine_waits"] += 1
-            self._queue.put(item)
+    def run(self) -> None:
+        self.at_rest()
+        while (message := self.next_message()) is not None:
+            kind, payload = message
+            if kind == CLOSE:
+                self.write(self.end_line(final=True))
+                break
+            self.handle(kind, payload)
+        self.flush()
 
-    def close(self) -> None:
-        """Drains the queue, appends the final 'end' record and closes the file."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join()
-        self._write(self._end_line(final=True))
-        self._file.close()
+    def next_message(self) -> tuple[int, bytes] | None:
+        while True:
+            if len(self.inbox) >= FRAME.size:
+                kind, size = FRAME.unpack_from(self.inbox)
+                if len(self.inbox) >= FRAME.size + size:
+                    payload = bytes(self.inbox[FRAME.size : FRAME.size + size])
+                    del self.inbox[: FRAME.size + size]
+                    return kind, payload
+            if not select.select([self.pipe], [], [], 0)[0]:
+                self.at_rest()
+            data = os.read(self.pipe, 1 << 20)
+            if not data:
+                return None  # the engine is gone without closing the log
+            self.inbox += data
 
-    def _end_line(self, final: bool) -> bytes:
-        return _json_line({"type": "end", "final": final, **self.stats, **self.end_fields(),
-                           "write_error": self.error,
-                           "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            try:
-                self._write(self._render(item))
-                if self._queue.empty():
-                    self._at_rest()
-            except Exception as e:  # the engine must never block on a dead writer
-                self._fail(e)
-            self._queue.task_done()
-
-    def _at_rest(self) -> None:
-        """Flushes; with no request open, ends the file with a provisional 'end'."""
-        if self.stats["requests"] == self.stats["requests_ended"] and self.error is None:
-            self._file.flush()
-            offset = self._file.tell()
-            self._write(self._end_line(final=False))
-            self._provisional_end_at = offset
-        self._file.flush()
-
-    def _render(self, item) -> bytes:
-        if isinstance(item, RequestStart):
+    def handle(self, kind: int, payload: bytes) -> None:
+        if kind == STEP:
+            self.step(*STEP_HEAD.unpack(payload))
+        elif kind == REQUEST:
+            slot, size = REQUEST_HEAD.unpack_from(payload)
+            self.bind(slot, payload[REQUEST_HEAD.size : REQUEST_HEAD.size + size])
             self.stats["requests"] += 1
-            return _request_line("request", item.request, **self.on_requests)
-        if isinstance(item, RequestEnd):
+            self.write(payload[REQUEST_HEAD.size + size :])
+        elif kind == REQUEST_END:
             self.stats["requests_ended"] += 1
-            return _request_line("request_end", item.request, finished=item.finished,
-                                 **self.on_requests)
-        if item.ready is not None:
-            item.ready.synchronize()
-        self.stats["steps"] += 1
-        self.stats["route_records"] += sum(e - s for _, _, s, e in item.spans) * len(item.layers)
-        return render_routes(item.ids.numpy(), item.weights.numpy(), item.spans, item.layers)
+            self.write(payload[REQUEST_END_HEAD.size :])
+        elif kind == NOT_LOGGED_ID:
+            self.not_logged_ids.append(payload.decode())
 
-    def _write(self, data: bytes) -> None:
+    def bind(self, slot: int, prefix: bytes) -> None:
+        rows, width = self.prefix.shape
+        if slot >= rows or len(prefix) > width:
+            grown = np.full((max(rows, 2 * slot + 1), max(width, len(prefix))), ord(" "), np.uint8)
+            grown[:rows, :width] = self.prefix
+            self.prefix = grown
+            self.prefix_len = np.resize(self.prefix_len, grown.shape[0])
+        self.prefix[slot] = ord(" ")
+        self.prefix[slot, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+        self.prefix_len[slot] = len(prefix)
+
+    def step(self, offset: int, end: int, rows: int, num_spans: int) -> None:
+        num_layers = len(self.layers)
+        ids_at, weights_at, trailer_at, _ = step_layout(rows, num_spans, num_layers, self.top_k)
+        if not self.wait_for_device(offset + trailer_at):
+            return
+        spans = self.ring.array(offset, np.int64, num_spans * 4).reshape(-1, 4)
+        shape, count = (rows, num_layers, self.top_k), rows * num_layers * self.top_k
+        all_ids = self.ring.array(offset + ids_at, np.int32, count).reshape(shape)
+        all_weights = self.ring.array(offset + weights_at, np.float32, count).reshape(shape)
+        slots, first, start, stop = spans.T
+        lengths = stop - start
+        owner = np.repeat(np.arange(num_spans), lengths)
+        row = start[owner] + np.arange(owner.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        positions = first[owner] + row - start[owner]
+        width = int(self.prefix_len[slots].max())
+        prefixes = self.prefix[slots, :width]
+        chunk = max(1, CHUNK_RECORDS // max(num_layers, 1))
+        try:
+            for c in range(0, owner.size, chunk):
+                sel = row[c : c + chunk]
+                self.write(render_rows(all_ids[sel], all_weights[sel], prefixes[owner[c : c + chunk]],
+                                       positions[c : c + chunk], self.layers))
+        except Exception as e:  # a bug must not stop the ring: the engine would wait forever
+            self.fail(e)
+        self.ring.release(end)
+        self.stats["steps"] += 1
+        self.stats["route_records"] += owner.size * num_layers
+
+    def wait_for_device(self, trailer: int) -> bool:
+        """The step's device copy has landed once its trailer reads 1. False if the
+        engine died first (its device copies never finish)."""
+        flag = self.ring.array(trailer, np.int64, 1)
+        pause, checked = 10e-6, time.monotonic()
+        while flag[0] != 1:
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+            if time.monotonic() - checked > 0.1:
+                if os.getppid() != self.parent:
+                    return False
+                checked = time.monotonic()
+        return True
+
+    def at_rest(self) -> None:
+        """Flushes; with no request open, ends the file with a provisional 'end'."""
+        try:
+            if self.stats["requests"] == self.stats["requests_ended"] and self.error is None:
+                self.cut_provisional()
+                offset = self.file.tell()
+                self.file.write(self.end_line(final=False))
+                self.provisional_at = offset
+            self.flush()
+        except OSError as e:
+            self.fail(e)
+
+    def end_line(self, final: bool) -> bytes:
+        header = self.ring.header
+        record = {"type": "end", "final": final, **self.stats,
+                  "engine_waits": int(header[ENGINE_WAITS]),
+                  "engine_wait_s": round(int(header[WAIT_NS]) / 1e9, 3),
+                  "requests_not_logged": int(header[NOT_LOGGED]),
+                  "requests_not_logged_ids": self.not_logged_ids,
+                  "writer_max_rss_mb": _peak_rss_mb(),
+                  "write_error": self.error, "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+    def write(self, data) -> None:
         if self.error is None:
             try:
-                if self._provisional_end_at is not None:
-                    self._file.flush()
-                    self._file.truncate(self._provisional_end_at)
-                    self._provisional_end_at = None
-                self._file.write(data)
+                self.cut_provisional()
+                self.file.write(data)
             except OSError as e:
-                self._fail(e)
+                self.fail(e)
 
-    def _fail(self, e: Exception) -> None:
+    def cut_provisional(self) -> None:
+        if self.provisional_at is not None:
+            self.file.flush()
+            self.file.truncate(self.provisional_at)
+            self.file.seek(self.provisional_at)  # truncate leaves the position where it was
+            self.provisional_at = None
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self.file.flush()
+            except OSError as e:
+                self.fail(e)
+
+    def fail(self, e: Exception) -> None:
         if self.error is None:
             self.error = f"{type(e).__name__}: {e}"
-            logger.error("VLLM_LOG_MOE: writing %s failed (%s); the route log stops "
-                         "here and generation goes on", self.path, self.error)
+            stamp = time.strftime("%m-%d %H:%M:%S")
+            print(f"ERROR {stamp} [route_log_writer.py] VLLM_LOG_MOE: writing {self.path} failed "
+                  f"({self.error}); the route log stops here and generation goes on",
+                  file=sys.stderr, flush=True)
 
 
-def _request_line(kind: str, request, **extra) -> bytes:
-    record = {"type": kind, "req_id": request.req_id}
-    if request.sample is not None:
-        record["sample"] = request.sample
-    if kind == "request":
-        record.update(engine_req_id=request.engine_req_id, prompt_len=request.prompt_len,
-                      prompt_tokens_cached=request.prompt_tokens_cached)
-    else:
-        record.update(routed_positions=request.routed,
-                      recomputed_positions=request.recomputed)
-    record.update(extra)
-    return _json_line(record)
+def _peak_rss_mb() -> int:
+    """VmHWM: unlike ru_maxrss it starts at exec, not with the engine's size at fork."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) >> 10 for line in f if line.startswith("VmHWM"))
 
 
-def _json_line(record: dict) -> bytes:
-    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+def main(args_json: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Writer(json.loads(args_json)).run()

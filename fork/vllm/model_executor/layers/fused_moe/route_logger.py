@@ -6,26 +6,46 @@ Call order in each worker process (every call is a no-op while the log is off):
   attach(model, vllm_config)        model loaded, before torch.compile / graph capture
   begin_step(scheduler_output)      top of every execute_model: requests in and out
   end_forward(req_ids, qsl, done)   after the forward of every real (non-dummy) step
-  the writer closes at process exit (atexit and multiprocessing finalizers)
+  the log closes at process exit (atexit and multiprocessing finalizers)
 
 CUDA-graph rule: the only work inside the forward is ``RouteLogger._capture``: two
 device copies into buffers allocated in ``attach``, which graphs record and replay.
-Rows are mapped to requests on the host after the forward, from the runner's batch
-metadata, and turned into JSON by ``RouteLogWriter`` on its own thread.
+After the forward, on the model's thread: a few numpy operations map rows to
+requests, device copies put the step's rows into a shared-memory ring, and a
+message of 40 bytes tells the writer process (route_log_writer.py), which waits for
+the copy, renders the JSON and writes it, with its own GIL and core.
 """
 
 import atexit
+import fcntl
 import json
 import multiprocessing.util
 import re
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
+from itertools import repeat
 from typing import Any
 
+import numpy as np
 import torch
 
+from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe.route_log_channel import (
+    HEADER,
+    REQUEST,
+    REQUEST_END,
+    REQUEST_END_HEAD,
+    REQUEST_HEAD,
+    STEP,
+    STEP_HEAD,
+    RouteLogChannel,
+    WriterGone,
+    step_layout,
+)
 from vllm.model_executor.layers.fused_moe.route_log_config import (
+    ENV_BUFFER,
     ENV_LAYERS,
     ENV_PATH,
     LAYERS_HELP,
@@ -33,13 +53,9 @@ from vllm.model_executor.layers.fused_moe.route_log_config import (
     RouteLogError,
     WriterLayout,
 )
-from vllm.model_executor.layers.fused_moe.route_log_writer import (
-    RequestEnd,
-    RequestStart,
-    RouteLogWriter,
-    StepRoutes,
-)
 from vllm.platforms import current_platform
+
+logger = init_logger(__name__)
 
 SCHEMA_VERSION = 1
 COVERAGE = (
@@ -116,14 +132,11 @@ class _Request:
     sample: int | None  # index among the n samples of a parallel-sampling request
     prompt_len: int
     prompt_tokens_cached: int  # positions computed before its first forward
-    next_pos: int  # every position below it is already logged
-    routed: int = 0
-    recomputed: int = 0
-    prefix: bytes = field(init=False)
 
-    def __post_init__(self) -> None:
+    @property
+    def prefix(self) -> bytes:
         sample = "" if self.sample is None else f'"sample":{self.sample},'
-        self.prefix = f'"req_id":{json.dumps(self.req_id)},{sample}'.encode()
+        return f'"req_id":{json.dumps(self.req_id)},{sample}'.encode()
 
 
 def _prompt_len(new_req) -> int:
@@ -146,48 +159,94 @@ def _request_from(new_req) -> _Request | None:
         sample=int(child[1]) if child else None,
         prompt_len=_prompt_len(new_req),
         prompt_tokens_cached=new_req.num_computed_tokens,
-        next_pos=new_req.num_computed_tokens,
     )
 
 
-class RouteLogger:
-    """Owns the device buffers, the request table and the writer of one worker."""
+class _Slots:
+    """The open requests, each in a slot: per-slot counters live in numpy arrays so
+    that a step's bookkeeping is a few vector operations, not a loop over requests."""
 
-    def __init__(self, config: RouteLogConfig, vllm_config, routers: dict[int, Any],
-                 layers: list[int], layout: WriterLayout):
+    def __init__(self) -> None:
+        self.of: dict[str, int] = {}  # engine request id -> slot
+        self.requests: list[_Request | None] = []
+        self.next_pos = np.zeros(0, dtype=np.int64)  # every position below it is logged
+        self.routed = np.zeros(0, dtype=np.int64)
+        self.recomputed = np.zeros(0, dtype=np.int64)
+        self.free: list[int] = []
+
+    def open(self, request: _Request) -> int:
+        if not self.free:
+            n = len(self.requests)
+            self.requests += [None] * max(n, 64)
+            for name in ("next_pos", "routed", "recomputed"):
+                setattr(self, name, np.resize(getattr(self, name), len(self.requests)))
+            self.free = list(range(len(self.requests) - 1, n - 1, -1))
+        slot = self.free.pop()
+        self.of[request.engine_req_id] = slot
+        self.requests[slot] = request
+        self.next_pos[slot] = request.prompt_tokens_cached
+        self.routed[slot] = self.recomputed[slot] = 0
+        return slot
+
+    def close(self, engine_id: str) -> tuple[int, _Request] | None:
+        slot = self.of.pop(engine_id, None)
+        if slot is None:
+            return None
+        request, self.requests[slot] = self.requests[slot], None
+        self.free.append(slot)
+        return slot, request
+
+
+class RouteLogger:
+    """Owns the device buffers, the open requests and the channel to the writer
+    process of one worker. Only the thread that runs the model calls it."""
+
+    def __init__(self, config: RouteLogConfig, meta: dict, layers: list[int], top_k: int,
+                 max_rows: int, device: torch.device, path: str, request_fields: dict):
         self.layers = layers  # may be empty on a pipeline stage without logged layers
-        router = routers[layers[0]] if layers else None
-        top_k = router.top_k if router else 0
-        rows = vllm_config.scheduler_config.max_num_batched_tokens
-        device = torch.device(current_platform.device_type)
+        self.top_k = top_k
         # [max_num_batched_tokens, num_logged_layers, top_k]; row i = batch row i.
-        self.ids = torch.zeros(rows, len(self.layers), top_k, dtype=torch.int32, device=device)
-        self.weights = torch.zeros(rows, len(self.layers), top_k, dtype=torch.float32, device=device)
-        self.requests: dict[str, _Request] = {}
-        self.not_logged = 0  # requests without a caller (vLLM's warm-up)
-        self.not_logged_ids: list[str] = []  # the first 20 of them
-        path = layout.shard_path(config.path, layout.dp_rank, layout.pp_rank)
-        meta = self._meta(vllm_config, routers, router, layout.meta(config.path))
-        # Requests are split across DP ranks: say which one served each.
-        on_requests = {"dp_rank": layout.dp_rank} if layout.data_parallel_size > 1 else {}
-        self.writer = RouteLogWriter(path, meta, config.max_pending_steps, on_requests,
-                                     end_fields=self._end_fields)
-        for slot, layer in enumerate(self.layers):
-            routers[layer].route_log_fn = partial(self._capture, slot)
+        # Two buffers: torch.compile cannot trace a copy into a view of another dtype.
+        self.ids = torch.zeros(max_rows, len(layers), top_k, dtype=torch.int32, device=device)
+        self.weights = torch.zeros(max_rows, len(layers), top_k, dtype=torch.float32, device=device)
+        self.one = torch.ones(1, dtype=torch.int64, device=device)  # the step's trailer
+        self.slots = _Slots()
+        self.request_fields = request_fields  # extra fields of request records
+        step_max = step_layout(max_rows, max_rows, len(layers), top_k)[3]
+        capacity = _buffer_bytes(config, step_max)
+        meta = {**meta, "buffer_bytes": capacity}
+        with open(path, "ab") as log:  # truncated only once the lock is held
+            try:
+                fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RouteLogError(f"{ENV_PATH}={path!r} is being written by another engine") from None
+            log.truncate(0)
+            log.write(json.dumps(meta, separators=(",", ":")).encode() + b"\n")
+            log.flush()
+            self.channel = RouteLogChannel(capacity, log.fileno(), {
+                "path": path, "layers": layers, "top_k": top_k})
+        self.ring = torch.frombuffer(self.channel.ring, dtype=torch.uint8)
+        if device.type == "cuda":  # pinned, so that device copies into it are asynchronous
+            error = torch.cuda.cudart().cudaHostRegister(self.ring.data_ptr(), self.ring.numel(), 0)
+            if int(error) != 0:
+                raise RuntimeError(f"{ENV_PATH}: pinning the {capacity >> 20} MiB buffer failed ({error})")
+        self.stopped = False
         atexit.register(self.close)
         # Worker processes end through multiprocessing, which skips atexit.
         multiprocessing.util.Finalize(self, self.close, exitpriority=100)
 
     def close(self) -> None:
-        """Ends the log: requests still open are reported as unfinished."""
-        for request in self.requests.values():
-            self.writer.put(RequestEnd(request, finished=False))
-        self.requests.clear()
-        self.writer.close()
-
-    def _end_fields(self) -> dict:
-        return {"requests_not_logged": self.not_logged,
-                "requests_not_logged_ids": list(self.not_logged_ids)}
+        """Ends the log: requests still open are reported as unfinished; waits for the
+        writer to render what it holds."""
+        if self.stopped:
+            return
+        for engine_id in list(self.slots.of):
+            self._end_request(engine_id, finished=False)
+        self.stopped = True
+        status = self.channel.close(timeout=120)
+        if status != 0:
+            logger.error("VLLM_LOG_MOE: the route-log writer process ended with status %s; "
+                         "the log may lack its closing record", status)
 
     def _capture(self, slot: int, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
         # Inside the forward: device copies only (recorded into CUDA graphs).
@@ -198,86 +257,140 @@ class RouteLogger:
         self.weights[:n, slot].copy_(topk_weights)
 
     def begin_step(self, scheduler_output) -> None:
-        for new_req in scheduler_output.scheduled_new_reqs:
-            if new_req.req_id in self.requests:
-                continue
-            request = _request_from(new_req)
-            if request is None:
-                self.not_logged += 1
-                if len(self.not_logged_ids) < 20:
-                    self.not_logged_ids.append(new_req.req_id)
-                continue
-            self.requests[new_req.req_id] = request
-            self.writer.put(RequestStart(request))
-        for engine_id in scheduler_output.finished_req_ids:
-            request = self.requests.pop(engine_id, None)
-            if request is not None:
-                self.writer.put(RequestEnd(request, finished=True))
+        if self.stopped:
+            return
+        with self._stop_if_writer_gone():
+            for new_req in scheduler_output.scheduled_new_reqs:
+                if new_req.req_id in self.slots.of:
+                    continue
+                request = _request_from(new_req)
+                if request is None:
+                    self.channel.count_not_logged(new_req.req_id)
+                    continue
+                slot = self.slots.open(request)
+                prefix = request.prefix
+                self.channel.send(REQUEST, REQUEST_HEAD.pack(slot, len(prefix)) + prefix
+                                  + _request_line("request", request, **self.request_fields))
+            for engine_id in scheduler_output.finished_req_ids:
+                self._end_request(engine_id, finished=True)
+
+    def _end_request(self, engine_id: str, finished: bool) -> None:
+        closed = self.slots.close(engine_id)
+        if closed is not None:
+            slot, request = closed
+            line = _request_line("request_end", request, finished=finished,
+                                 routed_positions=int(self.slots.routed[slot]),
+                                 recomputed_positions=int(self.slots.recomputed[slot]),
+                                 **self.request_fields)
+            self.channel.send(REQUEST_END, REQUEST_END_HEAD.pack(slot) + line)
 
     def end_forward(self, req_ids, query_start_loc, num_computed_tokens) -> None:
-        spans = []
-        for i, engine_id in enumerate(req_ids):
-            request = self.requests.get(engine_id)
-            if request is None:
-                continue  # not a caller's request
-            start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
-            pos = int(num_computed_tokens[i])
-            # After a preemption the same positions run again: log each once.
-            skip = min(max(request.next_pos - pos, 0), end - start)
-            request.recomputed += skip
-            request.routed += end - start - skip
-            request.next_pos = max(request.next_pos, pos + end - start)
-            if end - start > skip:
-                spans.append((request.prefix, pos + skip, start + skip, end))
-        if not spans or not self.layers:
+        """After a real step's forward: which rows belong to which request and
+        position; hands the rows to the writer without waiting for the device."""
+        if self.stopped or not req_ids:
             return
-        num_rows = int(query_start_loc[len(req_ids)])
-        ids, weights, ready = self._snapshot(num_rows)
-        self.writer.put(StepRoutes(ids, weights, ready, spans, self.layers))
+        n = len(req_ids)
+        slots = np.fromiter(map(self.slots.of.get, req_ids, repeat(-1)), np.int64, n)
+        starts = np.asarray(query_start_loc[: n + 1], dtype=np.int64)
+        first, ends = starts[:-1], starts[1:]
+        pos = np.asarray(num_computed_tokens[:n], dtype=np.int64)
+        mine = slots >= 0  # not a caller's request otherwise
+        slots, first, ends, pos = slots[mine], first[mine], ends[mine], pos[mine]
+        # After a preemption the same positions run again: log each once.
+        counts = ends - first
+        skip = np.clip(self.slots.next_pos[slots] - pos, 0, counts)
+        self.slots.recomputed[slots] += skip
+        self.slots.routed[slots] += counts - skip
+        self.slots.next_pos[slots] = np.maximum(self.slots.next_pos[slots], pos + counts)
+        fresh = counts > skip
+        if not fresh.any() or not self.layers:
+            return
+        spans = np.stack([slots, pos + skip, first + skip, ends], axis=1)[fresh]
+        with self._stop_if_writer_gone():
+            self._send_step(spans, int(starts[n]))
 
-    def _snapshot(self, num_rows: int):
-        """Copies this step's rows off the device before the next forward reuses them:
-        the copy is queued on the same stream, after this forward and before the next."""
-        if self.ids.device.type != "cuda":
-            return self.ids[:num_rows].clone(), self.weights[:num_rows].clone(), None
-        ids = torch.empty((num_rows, *self.ids.shape[1:]), dtype=torch.int32, pin_memory=True)
-        weights = torch.empty(ids.shape, dtype=torch.float32, pin_memory=True)
+    def _send_step(self, spans: np.ndarray, num_rows: int) -> None:
+        """Copies this step's rows into the ring before the next forward reuses them:
+        the copies are queued on the same stream, after this forward and before the
+        next; the trailer lands after the rows and tells the writer they are there."""
+        ids_at, weights_at, trailer_at, size = step_layout(
+            num_rows, len(spans), len(self.layers), self.top_k)
+        offset, end = self.channel.reserve(size)
+        at = HEADER + offset
+        np.frombuffer(self.channel.ring, np.int64, spans.size, at)[:] = spans.ravel()
+        np.frombuffer(self.channel.ring, np.int64, 1, at + trailer_at)[0] = 0
+        shape = (num_rows, *self.ids.shape[1:])
+        ids = self.ring[at + ids_at : at + weights_at].view(torch.int32).view(shape)
         ids.copy_(self.ids[:num_rows], non_blocking=True)
-        weights.copy_(self.weights[:num_rows], non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return ids, weights, ready
+        weights = self.ring[at + weights_at : at + weights_at + ids.nbytes].view(torch.float32)
+        weights.view(shape).copy_(self.weights[:num_rows], non_blocking=True)
+        self.ring[at + trailer_at : at + trailer_at + 8].view(torch.int64).copy_(self.one, non_blocking=True)
+        self.channel.send(STEP, STEP_HEAD.pack(offset, end, num_rows, len(spans)))
 
-    def _meta(self, vllm_config, routers: dict[int, Any], router, parallel: dict) -> dict:
-        import vllm
+    @contextmanager
+    def _stop_if_writer_gone(self):
+        try:
+            yield
+        except WriterGone as e:
+            self.stopped = True
+            logger.error("VLLM_LOG_MOE: %s; the route log stops here and generation goes on", e)
 
-        model = vllm_config.model_config
-        return {
-            "type": "meta",
-            "schema": SCHEMA_VERSION,
-            "model_id": model.model,
-            "vllm_version": vllm.__version__,
-            "torch_version": torch.__version__,
-            "device": _device_name(),
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "seed": model.seed,
-            "layers_logged": self.layers,
-            "moe_layers": sorted(routers),
-            "num_layers": model.get_total_num_hidden_layers(),
-            "num_experts": router.global_num_experts if router else model.get_num_experts(),
-            "top_k": router.top_k if router else None,
-            "renormalize": getattr(router, "renormalize", None),
-            "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
-            "enforce_eager": bool(model.enforce_eager),
-            "cudagraph_mode": str(vllm_config.compilation_config.cudagraph_mode),
-            "model_runner": "v2" if getattr(vllm_config, "use_v2_model_runner", False) else "v1",
-            "async_scheduling": bool(vllm_config.scheduler_config.async_scheduling),
-            "parallel": parallel,
-            "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
-            "weight_decimals": 9,
-            "coverage": COVERAGE,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+
+def _buffer_bytes(config: RouteLogConfig, step_max: int) -> int:
+    """The ring's size: VLLM_LOG_MOE_BUFFER_MB, or 16 steps of the largest batch."""
+    if config.buffer_mb is None:
+        return max(16 * step_max, 16 << 20)
+    if config.buffer_mb << 20 < step_max:
+        need = -(-step_max // (1 << 20))
+        raise RouteLogError(
+            f"{ENV_BUFFER}={config.buffer_mb}: one step of this engine needs up to {need} MiB; "
+            f"expected a whole number >= {need}"
+        )
+    return config.buffer_mb << 20
+
+
+def _request_line(kind: str, request: _Request, **extra) -> bytes:
+    record = {"type": kind, "req_id": request.req_id}
+    if request.sample is not None:
+        record["sample"] = request.sample
+    if kind == "request":
+        record.update(engine_req_id=request.engine_req_id, prompt_len=request.prompt_len,
+                      prompt_tokens_cached=request.prompt_tokens_cached)
+    record.update(extra)
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+def route_log_meta(vllm_config, routers: dict[int, Any], layers: list[int], parallel: dict) -> dict:
+    import vllm
+
+    model = vllm_config.model_config
+    router = routers[layers[0]] if layers else None
+    return {
+        "type": "meta",
+        "schema": SCHEMA_VERSION,
+        "model_id": model.model,
+        "vllm_version": vllm.__version__,
+        "torch_version": torch.__version__,
+        "device": _device_name(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "seed": model.seed,
+        "layers_logged": layers,
+        "moe_layers": sorted(routers),
+        "num_layers": model.get_total_num_hidden_layers(),
+        "num_experts": router.global_num_experts if router else model.get_num_experts(),
+        "top_k": router.top_k if router else None,
+        "renormalize": getattr(router, "renormalize", None),
+        "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
+        "enforce_eager": bool(model.enforce_eager),
+        "cudagraph_mode": str(vllm_config.compilation_config.cudagraph_mode),
+        "model_runner": "v2" if getattr(vllm_config, "use_v2_model_runner", False) else "v1",
+        "async_scheduling": bool(vllm_config.scheduler_config.async_scheduling),
+        "parallel": parallel,
+        "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
+        "weight_decimals": 9,
+        "coverage": COVERAGE,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _device_name() -> str:
@@ -316,7 +429,17 @@ def attach(model: torch.nn.Module, vllm_config) -> torch.nn.Module:
         return model  # routing is replicated across TP ranks; rank 0 writes
     if _ACTIVE is not None:
         raise RuntimeError(f"{ENV_PATH}: a second model was loaded in this process")
-    _ACTIVE = RouteLogger(config, vllm_config, routers, layers, layout)
+    meta = route_log_meta(vllm_config, routers, layers, layout.meta(config.path))
+    # Requests are split across DP ranks: say which one served each.
+    request_fields = {"dp_rank": layout.dp_rank} if layout.data_parallel_size > 1 else {}
+    top_k = routers[layers[0]].top_k if layers else 0
+    _ACTIVE = RouteLogger(
+        config, meta, layers, top_k, vllm_config.scheduler_config.max_num_batched_tokens,
+        torch.device(current_platform.device_type),
+        layout.shard_path(config.path, layout.dp_rank, layout.pp_rank), request_fields,
+    )
+    for slot, layer in enumerate(layers):
+        routers[layer].route_log_fn = partial(_ACTIVE._capture, slot)
     return model
 
 
