@@ -121,6 +121,14 @@ def tail_is(path: Path, kind: str, count: int | None = None) -> bool:
     return bool(lines) and lines[-1]["type"] == kind and count in (None, len(lines))
 
 
+@pytest.mark.parametrize("engine_id, external, sample", [
+    ("7-0123abcd", "7", None), ("1_7-0123abcd", "7", 1), ("12_ab_c-deadbeef", "ab_c", 12),
+    ("0_x-0123abcd", "0_x", None), ("3_0_x", "0_x", 3), ("3_0_xy", "0_x", None), ("2_7-0123abcdX", "7", None),
+])
+def test_sample_index_of_parallel_sampling_children(engine_id, external, sample):
+    assert route_logger._sample_index(engine_id, external) == sample
+
+
 def test_writer_life_cycle(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text("old contents\n")

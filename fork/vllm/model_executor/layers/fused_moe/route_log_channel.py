@@ -74,6 +74,7 @@ class RouteLogChannel:
         self.header = np.frombuffer(self.ring, dtype=np.int64, count=HEADER // 8)
         self.produced = 0  # position after the last reserved region
         self.wait_ns = 0
+        self.outbox = bytearray()  # messages posted, not yet written to the pipe
         read_end, self._pipe = os.pipe()
         try:
             import fcntl
@@ -103,8 +104,14 @@ class RouteLogChannel:
         self.produced = end
         return start % self.capacity, end
 
-    def send(self, kind: int, payload: bytes = b"") -> None:
-        view = memoryview(FRAME.pack(kind, len(payload)) + payload)
+    def post(self, kind: int, payload: bytes = b"") -> None:
+        self.outbox += FRAME.pack(kind, len(payload))
+        self.outbox += payload
+
+    def flush(self) -> None:
+        """Writes the posted messages: one system call for a step's worth of them."""
+        data, self.outbox = self.outbox, bytearray()
+        view = memoryview(data)
         while view:
             try:
                 view = view[os.write(self._pipe, view):]
@@ -116,13 +123,14 @@ class RouteLogChannel:
     def count_not_logged(self, engine_req_id: str) -> None:
         self.header[NOT_LOGGED] += 1
         if self.header[NOT_LOGGED] <= 20:
-            self.send(NOT_LOGGED_ID, engine_req_id.encode())
+            self.post(NOT_LOGGED_ID, engine_req_id.encode())
 
     def close(self, timeout: float) -> int | None:
         """Asks the writer to finish (render what it holds, write the final 'end') and
         waits for it; returns its exit status, None if it did not exit in time."""
         try:
-            self.send(CLOSE)
+            self.post(CLOSE)
+            self.flush()
         except WriterGone:
             pass
         os.close(self._pipe)

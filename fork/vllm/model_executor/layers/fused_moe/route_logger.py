@@ -152,14 +152,25 @@ def _request_from(new_req) -> _Request | None:
     external = getattr(new_req, "external_req_id", None)
     if external is None:
         return None
-    child = re.fullmatch(rf"(\d+)_{re.escape(external)}(-[0-9a-f]{{8}})?", engine_id)
     return _Request(
         req_id=external,
         engine_req_id=engine_id,
-        sample=int(child[1]) if child else None,
+        sample=_sample_index(engine_id, external),
         prompt_len=_prompt_len(new_req),
         prompt_tokens_cached=new_req.num_computed_tokens,
     )
+
+
+_SUFFIX = re.compile(r"(-[0-9a-f]{8})?")
+
+
+def _sample_index(engine_id: str, external: str) -> int | None:
+    """i for the i-th child of a parallel-sampling request, "<i>_<caller id>[-<8 hex>]";
+    None for "<caller id>[-<8 hex>]". String operations, not a pattern per request."""
+    index, _, rest = engine_id.partition("_")
+    if index.isdigit() and rest.startswith(external) and _SUFFIX.fullmatch(rest[len(external):]):
+        return int(index)
+    return None
 
 
 class _Slots:
@@ -269,10 +280,11 @@ class RouteLogger:
                     continue
                 slot = self.slots.open(request)
                 prefix = request.prefix
-                self.channel.send(REQUEST, REQUEST_HEAD.pack(slot, len(prefix)) + prefix
+                self.channel.post(REQUEST, REQUEST_HEAD.pack(slot, len(prefix)) + prefix
                                   + _request_line("request", request, **self.request_fields))
             for engine_id in scheduler_output.finished_req_ids:
                 self._end_request(engine_id, finished=True)
+            self.channel.flush()
 
     def _end_request(self, engine_id: str, finished: bool) -> None:
         closed = self.slots.close(engine_id)
@@ -282,7 +294,7 @@ class RouteLogger:
                                  routed_positions=int(self.slots.routed[slot]),
                                  recomputed_positions=int(self.slots.recomputed[slot]),
                                  **self.request_fields)
-            self.channel.send(REQUEST_END, REQUEST_END_HEAD.pack(slot) + line)
+            self.channel.post(REQUEST_END, REQUEST_END_HEAD.pack(slot) + line)
 
     def end_forward(self, req_ids, query_start_loc, num_computed_tokens) -> None:
         """After a real step's forward: which rows belong to which request and
@@ -325,7 +337,8 @@ class RouteLogger:
         weights = self.ring[at + weights_at : at + weights_at + ids.nbytes].view(torch.float32)
         weights.view(shape).copy_(self.weights[:num_rows], non_blocking=True)
         self.ring[at + trailer_at : at + trailer_at + 8].view(torch.int64).copy_(self.one, non_blocking=True)
-        self.channel.send(STEP, STEP_HEAD.pack(offset, end, num_rows, len(spans)))
+        self.channel.post(STEP, STEP_HEAD.pack(offset, end, num_rows, len(spans)))
+        self.channel.flush()
 
     @contextmanager
     def _stop_if_writer_gone(self):
