@@ -2,7 +2,7 @@
 
     python benchmarks/bench_throughput.py run --out tp-r0.json [--rounds 3] [--first-round 0]
         [--requests 1000] [--max-tokens 128] [--prompt-tokens N] [--tp 1]
-        [--modes off,layer0,all,layers=0-11]
+        [--modes off,layer0,all,layers=0-11] [--time-hooks]
     python benchmarks/bench_throughput.py report tp-*.json [--write BENCHMARKS.md [--section throughput]]
 
 Workload (defaults): the 25 GSM8K questions of ../shared/data, each prefixed with
@@ -16,7 +16,9 @@ of all of them. Modes rotate per round; all rounds of one call share a machine.
 Measured per process: median wall time and tokens/s; the log's completeness (every
 routed position once per logged layer) and its 'end' record (engine waits and their
 seconds, the writer process's peak RSS); the writer's lag (from the last generation's
-return to the log holding its last record); the engine core's peak RSS (VmHWM).
+return to the log holding its last record); the engine core's peak RSS (VmHWM). With
+--time-hooks, also the route logger's own time on the engine's thread per step
+(hook_timer/sitecustomize.py wraps begin_step and end_forward in the engine process).
 """
 
 import argparse
@@ -156,6 +158,11 @@ def run(args) -> None:
                 log = Path(tmp) / "routes.jsonl"
                 if mode_layers(mode) is not None:
                     env.update(VLLM_LOG_MOE=str(log), VLLM_LOG_MOE_LAYERS=mode_layers(mode))
+                hooks = Path(tmp) / f"hooks-{rnd}-{mode}"
+                if args.time_hooks:
+                    hooks.mkdir()
+                    env.update(ROUTE_HOOK_TIMES=str(hooks), PYTHONPATH=os.pathsep.join(
+                        [str(Path(__file__).parent / "hook_timer"), env.get("PYTHONPATH", "")]))
                 out = Path(tmp) / "result.json"
                 cmd = [sys.executable, __file__, "child", "--mode", mode, "--out", str(out)]
                 cmd += [f"--{k.replace('_', '-')}={v}" for k, v in workload(args).items() if v is not None]
@@ -165,11 +172,23 @@ def run(args) -> None:
                 if log.exists():
                     result["log"] = check_log(log, result["expected_records"])
                     log.unlink()
+                if args.time_hooks:
+                    result["hook_times"] = hook_times(hooks)
                 print(f"[bench] {mode}: walls {[round(w, 2) for w in result['wall_s']]}, "
                       f"lags {result['writer_lag_s']}, rss {result['engine_max_rss_mb']}, "
                       f"log {result.get('log', {}).get('complete')}", flush=True)
                 results.append(result)
                 Path(args.out).write_text(json.dumps(results, indent=1))  # kept if a later mode fails
+
+
+def hook_times(folder: Path) -> dict:
+    """{call: [calls, seconds, longest]} over the engine processes that ran steps."""
+    totals: dict = {}
+    for path in folder.glob("*.json"):
+        for name, (calls, seconds, longest) in json.loads(path.read_text()).items():
+            t = totals.setdefault(name, [0, 0.0, 0.0])
+            t[0], t[1], t[2] = t[0] + calls, t[1] + seconds, max(t[2], longest)
+    return totals
 
 
 def workload(args) -> dict:
@@ -220,9 +239,19 @@ def table(results: list[dict]) -> str:
             f"{logs[0]['bytes'] * first['requests'] / (64 + len(first['wall_s']) * first['requests']) / 1e6:.0f}"
             if logged else "-",
         ]) + " |")
+    timed = [r for r in results if r.get("hook_times", {}).get("end_forward", [0])[0]]
+    if timed:
+        lines += ["", "The route logger's time on the engine's thread (begin_step + end_forward), "
+                  "per step: " + "; ".join(
+                      f"{r['mode']} round {r['round']}: {per_step_ms(r['hook_times']):.3f} ms "
+                      f"(longest {max(t[2] for t in r['hook_times'].values()) * 1e3:.1f} ms)" for r in timed) + "."]
     same = "yes" if len({r["output_digest"] for r in results}) == 1 else "NO"
     lines += ["", f"Same tokens in every mode and round: {same}."]
     return "\n".join(lines)
+
+
+def per_step_ms(times: dict) -> float:
+    return sum(t[1] for t in times.values()) / times["end_forward"][0] * 1e3
 
 
 def report(args) -> None:
@@ -254,6 +283,7 @@ def main() -> None:
         p.add_argument("--modes", default="off,layer0,all", help="off, layer0, all, layers=SPEC")
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--first-round", type=int, default=0, help="rotation of the first round")
+        p.add_argument("--time-hooks", action="store_true", help="time the logger's calls in the engine")
     p = sub.add_parser("report")
     p.add_argument("files", nargs="+")
     p.add_argument("--write", help="replace the marked section of this Markdown file")
