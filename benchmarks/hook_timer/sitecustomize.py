@@ -2,8 +2,9 @@
 
 bench_throughput.py --time-hooks puts this folder on the engine's PYTHONPATH and sets
 ROUTE_HOOK_TIMES to a folder; when vLLM imports route_logger, its begin_step and
-end_forward are wrapped with timers, and every 50 steps the totals are written to
-ROUTE_HOOK_TIMES/<pid>.json as {name: [calls, seconds, longest call]}.
+end_forward are wrapped with timers, and every 10 steps the totals are written to
+ROUTE_HOOK_TIMES/<pid>.json as {name: [calls, seconds, longest call]} (the
+steps after the last multiple of 10 are not counted).
 """
 
 import importlib.abc
@@ -44,7 +45,7 @@ def _wrap(module) -> None:
             total[0] += 1
             total[1] += dt
             total[2] = max(total[2], dt)
-            if name == "end_forward" and total[0] % 50 == 0:
+            if name == "end_forward" and total[0] % 10 == 0:
                 with open(out, "w") as f:
                     json.dump(totals, f)
 
