@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from markdown_section import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 V1 = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
@@ -179,10 +181,7 @@ def report(args) -> None:
     text = table(results)
     print(text)
     if args.write:
-        doc = Path(args.write).read_text()
-        mark_begin, mark_end = f"<!-- bench:{args.section}:begin -->", f"<!-- bench:{args.section}:end -->"
-        begin, end = doc.index(mark_begin) + len(mark_begin), doc.index(mark_end)
-        Path(args.write).write_text(doc[:begin] + "\n" + text + "\n" + doc[end:])
+        replace_section(args.write, args.section, text)
 
 
 def main() -> None:

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from markdown_section import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 LAYERS = {"off": None, "layer0": "0", "all": "all"}
@@ -259,10 +261,7 @@ def report(args) -> None:
     text = table(results)
     print(text)
     if args.write:
-        doc = Path(args.write).read_text()
-        begin_mark, end_mark = f"<!-- bench:{args.section}:begin -->", f"<!-- bench:{args.section}:end -->"
-        begin, end = doc.index(begin_mark) + len(begin_mark), doc.index(end_mark)
-        Path(args.write).write_text(doc[:begin] + "\n" + text + "\n" + doc[end:])
+        replace_section(args.write, args.section, text)
 
 
 def main() -> None:
