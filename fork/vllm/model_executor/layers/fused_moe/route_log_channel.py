@@ -18,6 +18,7 @@ int32 ids and float32 weights, each [rows, layers, top_k], then an int64 trailer
 the device copies a 1 into after the rows: the writer waits for it.
 """
 
+import fcntl
 import json
 import mmap
 import os
@@ -77,9 +78,7 @@ class RouteLogChannel:
         self.outbox = bytearray()  # messages posted, not yet written to the pipe
         read_end, self._pipe = os.pipe()
         try:
-            import fcntl
-
-            fcntl.fcntl(self._pipe, 1031, 1 << 20)  # F_SETPIPE_SZ: room for ~20k messages
+            fcntl.fcntl(self._pipe, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
         except OSError:
             pass  # the system's limit is lower: 64 kB still holds ~1,000
         args = {**writer_args, "pipe_fd": read_end, "file_fd": file_fd, "ring_fd": self.ring_fd,
