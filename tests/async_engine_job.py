@@ -13,6 +13,8 @@ import asyncio
 import json
 import sys
 
+from engine_job import SHUTDOWN_S
+
 
 async def one(engine, req: dict, abort_after: int | None) -> dict:
     from vllm import SamplingParams
@@ -46,7 +48,7 @@ async def run(spec: dict) -> dict:
             *(one(engine, req, aborts.get(req["id"])) for req in spec["requests"])
         )
     finally:
-        engine.shutdown()
+        engine.shutdown(timeout=SHUTDOWN_S)  # see engine_job.py
     return {"outputs": sorted(outputs, key=lambda o: o["id"])}
 
 

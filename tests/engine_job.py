@@ -28,6 +28,9 @@ def worker_route_state(worker) -> dict:
     return {"active": route_logger._ACTIVE is not None, "routers": len(hooked), "hooked": sum(hooked)}
 
 
+SHUTDOWN_S = 120
+
+
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -53,6 +56,10 @@ def run(spec: dict) -> dict:
                 finished[out.request_id] = out
         steps_since_wave += 1
     workers = llm.collective_rpc(worker_route_state)
+    # A clean shutdown, with time for it: left to garbage collection, vLLM gives the
+    # engine 5 s and then kills its process tree, and on a loaded 2-core machine the
+    # engine core once took longer (the log then ends with its provisional 'end').
+    engine.engine_core.shutdown(timeout=SHUTDOWN_S)
     outputs = [
         {
             "id": rid,
