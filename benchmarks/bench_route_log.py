@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from markdown_section import replace_section
+import markdown_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -177,11 +177,7 @@ def table(results: list[dict]) -> str:
 
 
 def report(args) -> None:
-    results = [r for path in args.files for r in json.loads(Path(path).read_text())]
-    text = table(results)
-    print(text)
-    if args.write:
-        replace_section(args.write, args.section, text)
+    markdown_section.report(args.files, table, args.write, args.section)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from markdown_section import replace_section
+import markdown_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -257,11 +257,7 @@ def per_step_ms(times: dict) -> float:
 
 
 def report(args) -> None:
-    results = [r for path in args.files for r in json.loads(Path(path).read_text())]
-    text = table(results)
-    print(text)
-    if args.write:
-        replace_section(args.write, args.section, text)
+    markdown_section.report(args.files, table, args.write, args.section)
 
 
 def main() -> None:
