@@ -41,6 +41,16 @@ class EngineRun:
     log: Path | None
     workdir: Path
 
+    def assert_log_closed(self, end: dict) -> None:
+        """The final 'end', unless vLLM killed the engine core at shutdown: on a loaded
+        2-core machine the engine core sometimes does not answer SIGTERM within 120 s
+        (CI once; here 1 run in 3 under load, with logging on and with it off alike), and
+        vLLM then kills its process tree; the writer's provisional 'end' stands."""
+        if "force killing remaining process EngineCore" in self.output:
+            assert end["final"] is False, "a killed engine cannot have closed its log"
+        else:
+            assert end["final"] is True, self.output[-3000:]
+
 
 def run_engine(
     tmp: Path, spec: dict, env: dict[str, str] | None = None, timeout=900, job="engine_job.py",

@@ -45,7 +45,7 @@ def test_each_stage_writes_the_layers_it_owns(pp2):
     for shard in shards:  # both stages saw every request; each closed its shard
         _, _, requests, end = read_log(shard)
         assert len(requests["request"]) == len(requests["request_end"]) == end["requests"] == 7
-        assert end["final"] is True
+        pp2.assert_log_closed(end)
 
 
 def test_merged_shards_equal_the_oracle(pp2, models, tmp_path):
