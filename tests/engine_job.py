@@ -4,8 +4,8 @@
 
 SPEC: {"model": dir, "engine": {LLM kwargs}, "waves": [[request, ...], ...]}, a request
 being {"id": str, "prompt_token_ids": [...], "sampling": {SamplingParams kwargs}}.
-Each wave after the first is added once the engine has run two more steps, so requests
-join a running batch. OUT: {"outputs": [{"id", "prompt_token_ids", "samples": [...]}],
+Each wave after the first is added once the engine has run "wave_gap_steps" (default
+2) more steps, so requests join a running batch, or once it is idle. OUT: {"outputs": [{"id", "prompt_token_ids", "samples": [...]}],
 "workers": what each worker reports about its route logger}; each output also carries
 vLLM's own "routed_experts" when the engine was started with enable_return_routed_experts.
 """
@@ -42,7 +42,7 @@ def run(spec: dict) -> dict:
     waves = list(spec["waves"])
     steps_since_wave = 0
     while waves or engine.has_unfinished_requests():
-        if waves and (steps_since_wave >= 2 or not engine.has_unfinished_requests()):
+        if waves and (steps_since_wave >= spec.get("wave_gap_steps", 2) or not engine.has_unfinished_requests()):
             for req in waves.pop(0):
                 engine.add_request(
                     req["id"],

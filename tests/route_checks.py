@@ -42,7 +42,7 @@ def read_log(path) -> tuple[dict, list[dict], dict[str, list[dict]], dict]:
     """meta, routes, {"request": [...], "request_end": [...]}, end"""
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0]["type"] == "meta" and lines[-1]["type"] == "end"
-    assert {r["type"] for r in lines[1:-1]} <= {"route", "request", "request_end"}
+    assert {r["type"] for r in lines[1:-1]} <= {"route", "request", "request_end"}, "a 'gap' or unknown record"
     requests = {t: [r for r in lines if r["type"] == t] for t in ("request", "request_end")}
     return lines[0], [r for r in lines if r["type"] == "route"], requests, lines[-1]
 
@@ -56,7 +56,7 @@ def check_against_oracle(
     the largest weight error seen (also written to $ROUTE_CHECK_REPORT if set)."""
     oracle = RoutingOracle(model_dir, tie_gap)
     _, routes, requests, _ = read_log(run.log)
-    # Prompt positions served from the prefix cache have no routing; the log says how many.
+    # Prompt positions served from the prefix cache are replayed, marked "cached".
     cached = {(r["req_id"], r.get("sample", 0)): r["prompt_tokens_cached"] for r in requests["request"]}
     keys = [(r["req_id"], r.get("sample", 0), r["token_idx"], r["layer"]) for r in routes]
     assert len(keys) == len(set(keys)), "a (request, position, layer) was logged twice"
@@ -72,10 +72,12 @@ def check_against_oracle(
                     continue
                 first = cached[(out["id"], sample_key)]
                 assert first < len(out["prompt_token_ids"])
-                for pos in range(first, len(tokens)):
+                for pos in range(len(tokens)):
                     key = (out["id"], sample_key, pos, layer)
                     expected.add(key)
                     assert key in logged, f"missing {key}"
+                    assert logged[key].get("cached", False) == (pos < first), key
+                    counts["cached"] += pos < first
                     counts["compared"] += 1
                     if route.tie[pos]:
                         counts["ties"] += 1

@@ -13,10 +13,15 @@ pytestmark = pytest.mark.engine
 
 def with_repeated_prompt(spec: dict) -> dict:
     """The same 200-token prompt early and again in a last wave: the repeat's first
-    128-token block comes from the prefix cache (CPU block size), skipping the forward."""
+    128-token block comes from the prefix cache (CPU block size), skipping the forward.
+    With it, a parallel-sampling request (n=2) that shares that block and goes on
+    differently."""
     (long_prompt,) = prompts(3, [200])
+    (other,) = prompts(4, [40])
+    sampled = {"temperature": 1.0, "n": 2, "max_tokens": 6, "ignore_eos": True, "detokenize": False}
     spec["waves"][0].append({"id": "rep-a", "prompt_token_ids": long_prompt, "sampling": greedy(5)})
-    spec["waves"].append([{"id": "rep-b", "prompt_token_ids": long_prompt, "sampling": greedy(5)}])
+    spec["waves"].append([{"id": "rep-b", "prompt_token_ids": long_prompt, "sampling": greedy(5)},
+                          {"id": "share", "prompt_token_ids": long_prompt[:130] + other, "sampling": sampled}])
     return spec
 
 
@@ -42,13 +47,13 @@ def test_req_ids_are_the_callers_and_samples_are_told_apart(top2):
     _, routes, requests, _ = read_log(on.log)
     assert {r["req_id"] for r in routes} == {o["id"] for o in on.result["outputs"]}
     assert {r.get("sample") for r in routes if r["req_id"] == "pair_5"} == {0, 1}
-    assert all("sample" not in r for r in routes if r["req_id"] != "pair_5")
+    assert all("sample" not in r for r in routes if r["req_id"] not in ("pair_5", "share"))
     starts = {(r["req_id"], r.get("sample")): r for r in requests["request"]}
     ends = {(r["req_id"], r.get("sample")): r for r in requests["request_end"]}
-    assert len(starts) == len(requests["request"]) == len(ends) == len(requests["request_end"]) == 9
+    assert len(starts) == len(requests["request"]) == len(ends) == len(requests["request_end"]) == 11
     for out in on.result["outputs"]:
-        if out["id"] == "rep-b":
-            continue  # the cached prefix: test_prefix_cache_hits_are_stated
+        if out["id"] in ("rep-b", "share"):
+            continue  # the cached prefix: test_prefix_cache_hits_are_replayed
         for s, generated in enumerate(out["samples"]):
             key = (out["id"], s if len(out["samples"]) > 1 else None)
             start, end = starts[key], ends[key]
@@ -68,10 +73,13 @@ def test_meta_header_and_end_record(top2, models):
     assert (meta["vllm_version"], meta["seed"], meta["schema"]) == ("0.31.0", 1234, 1)
     assert meta["torch_version"].startswith("2.") and meta["device"].startswith("cpu")
     assert meta["prefix_caching"] is True and "prefix cache" in meta["coverage"]
+    assert meta["block_store"] == {"on": True, "block_size": 128, "bytes_per_position_and_layer": 12,
+                                   "bound": meta["block_store"]["bound"]}
     assert end["route_records"] == len(routes)
-    assert end["requests"] == len(requests["request"]) == end["requests_ended"] == 9
+    assert end["requests"] == len(requests["request"]) == end["requests_ended"] == 11
     assert end["requests_not_logged"] == 0  # the V1 runner sends no warm-up requests
-    assert end["write_error"] is None and end["final"] is True
+    assert end["write_error"] is None
+    on.assert_log_closed(end)
     assert meta["parallel"] == {"tensor_parallel_size": 1, "pipeline_parallel_size": 1,
                                 "data_parallel_size": 1, "expert_parallel": False,
                                 "writer": {"dp_rank": 0, "pp_rank": 0, "tp_rank": 0},
@@ -91,18 +99,26 @@ def test_logging_off_changes_nothing(top2):
     assert on.result["workers"] == [{"active": True, "routers": 4, "hooked": 4}]
 
 
-def test_prefix_cache_hits_are_stated(top2):
-    """Positions served from the prefix cache have no routes; the request record says
-    how many, and the oracle check above starts each request there."""
+def test_prefix_cache_hits_are_replayed(top2):
+    """Positions served from the prefix cache get the records of the forward that
+    computed their block (rep-a's), marked cached; the oracle check above holds them
+    to the oracle as well."""
     on, _ = top2
-    meta, routes, requests, _ = read_log(on.log)
-    cached = {r["req_id"]: r["prompt_tokens_cached"] for r in requests["request"]}
-    assert meta["prefix_caching"] is True
-    assert cached["rep-a"] == 0 and cached["rep-b"] == 128
-    first = min(r["token_idx"] for r in routes if r["req_id"] == "rep-b")
-    assert first == 128
-    ends = {r["req_id"]: r for r in requests["request_end"]}
-    assert ends["rep-b"]["routed_positions"] == 200 + 5 - 1 - 128
+    _, routes, requests, end = read_log(on.log)
+    cached = {(r["req_id"], r.get("sample")): r["prompt_tokens_cached"] for r in requests["request"]}
+    assert (cached[("rep-a", None)], cached[("rep-b", None)], cached[("share", 0)], cached[("share", 1)]) == (0, 128, 128, 128)
+    computed = {(r["token_idx"], r["layer"]): r for r in routes if r["req_id"] == "rep-a"}
+    for name in ("rep-b", "share"):
+        replayed = [r for r in routes if r["req_id"] == name and r.get("cached")]
+        assert sorted((r.get("sample"), r["token_idx"]) for r in replayed if r["layer"] == 0) == sorted(
+            (s, p) for s in ((None,) if name == "rep-b" else (0, 1)) for p in range(128))
+        for r in replayed:
+            original = computed[(r["token_idx"], r["layer"])]
+            assert (r["topk_ids"], r["topk_weights"]) == (original["topk_ids"], original["topk_weights"])
+    ends = {(r["req_id"], r.get("sample")): r for r in requests["request_end"]}
+    assert ends[("rep-b", None)]["routed_positions"] == 200 + 5 - 1 - 128
+    assert ends[("rep-b", None)]["cached_positions"] == ends[("share", 1)]["cached_positions"] == 128
+    assert end["cached_route_records"] == 3 * 128 * 4 and end["cached_positions_unknown"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from conftest import wait_until
 from vllm.model_executor.layers.fused_moe import route_logger
 from vllm.model_executor.layers.fused_moe.route_log_config import RouteLogConfig, RouteLogError
 from vllm.model_executor.layers.fused_moe.route_log_render import render_rows, render_rows_plain
+from vllm.model_executor.layers.fused_moe.route_log_store import BlockRoutes
 
 
 def random_rows(seed: int, top_k: int, num_experts: int, scale: float = 1.0):
@@ -79,11 +80,12 @@ def test_nothing_scheduled_renders_nothing():
 LAYERS, TOP_K = [0, 5, 23], 2
 
 
-def make_logger(path: Path, buffer_mb: int | None = None, max_rows: int = 64) -> route_logger.RouteLogger:
+def make_logger(path: Path, buffer_mb: int | None = None, max_rows: int = 64,
+                block_store: dict | None = None) -> route_logger.RouteLogger:
     env = {"VLLM_LOG_MOE": str(path)} | ({} if buffer_mb is None else {"VLLM_LOG_MOE_BUFFER_MB": str(buffer_mb)})
     meta = {"type": "meta", "schema": 1, "layers_logged": LAYERS, "top_k": TOP_K}
     return route_logger.RouteLogger(RouteLogConfig.from_env(env), meta, LAYERS, TOP_K, max_rows,
-                                    torch.device("cpu"), str(path), {})
+                                    torch.device("cpu"), str(path), {}, block_store)
 
 
 def new_request(name: str, prompt_len: int = 5, cached: int = 0):
@@ -91,10 +93,10 @@ def new_request(name: str, prompt_len: int = 5, cached: int = 0):
                            prompt_embeds=None, num_computed_tokens=cached)
 
 
-def step(logger, new=(), finished=(), batch=(), value: int = 0) -> None:
+def step(logger, new=(), finished=(), batch=(), value: int = 0, cached=None) -> None:
     """One engine step: ``batch`` is [(request name, first position, rows)]; every row
     routes to experts (value, position) with weights (0.75, 0.25)."""
-    logger.begin_step(SimpleNamespace(scheduled_new_reqs=list(new),
+    logger.begin_step(SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached or cached_reqs(),
                                       finished_req_ids={f"{n}-0123abcd" for n in finished}))
     counts = [rows for _, _, rows in batch]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -151,7 +153,7 @@ def test_writer_life_cycle(tmp_path):
     assert b4["topk_ids"] == [7, 3] and b4["topk_weights"] == [0.75, 0.25]
     ends = {r["req_id"]: r for r in lines if r["type"] == "request_end"}
     assert ends["b"] == {"type": "request_end", "req_id": "b", "finished": True, "routed_positions": 4,
-                         "recomputed_positions": 0}
+                         "recomputed_positions": 0, "cached_positions": 0}
     assert ends["a"]["finished"] is False and ends["a"]["routed_positions"] == 7
     end = lines[-1]
     assert (end["type"], end["final"], end["steps"], end["route_records"], end["requests"],
@@ -177,7 +179,7 @@ def test_an_idle_writer_leaves_a_provisional_end(tmp_path):
         "type": "end", "final": False, "steps": 1, "route_records": 15, "requests": 1,
         "requests_ended": 1, "engine_waits": 0, "engine_wait_s": 0.0, "requests_not_logged": 1,
         "requests_not_logged_ids": ["_warmup_0_"], "writer_max_rss_mb": None, "write_error": None,
-        "ended_at": None}
+        "ended_at": None, "cached_route_records": 0, "cached_positions_unknown": 0, "block_store_bytes": 0}
     step(logger, new=[new_request("c")])
     logger.close()
     lines = lines_of(path)
@@ -259,3 +261,58 @@ def _alive(pid: int) -> bool:
         return False
     state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
     return state not in ("Z", "X")
+
+
+def test_block_store_keeps_routing_by_block_and_offset():
+    store = BlockRoutes(block_size=4, num_layers=2, top_k=2)
+    store.set_blocks(0, 0, np.array([5, 2], np.int32))
+    ids = np.arange(8 * 4, dtype=np.int32).reshape(8, 2, 2)
+    weights = ids.astype(np.float32) / 100
+    store.put(np.zeros(8, np.int64), np.arange(8), ids, weights)
+    store.set_blocks(3, 0, np.array([2, 9], np.int32))  # block 2 (positions 4-7 of slot 0), then one never computed
+    got_ids, got_weights, known = store.get(3, 0, 8)
+    assert known.tolist() == [True] * 4 + [False] * 4
+    assert (got_ids[:4] == ids[4:]).all() and (got_weights[:4] == weights[4:]).all()
+    store.set_blocks(3, 1, np.array([5], np.int32))  # appended from block index 1
+    assert store.get(3, 4, 8)[2].all() and (store.get(3, 4, 8)[0] == ids[:4]).all()
+    assert store.nbytes >= 6 * 2 * 2 * 4 * 10  # 10 blocks of 4 positions, 2 layers, top-2
+
+
+def cached_reqs(**new_blocks):
+    return SimpleNamespace(req_ids=[f"{n}-0123abcd" for n in new_blocks], resumed_req_ids=set(),
+                           new_block_ids=list(new_blocks.values()))
+
+
+def test_prefix_cache_hits_are_replayed_from_the_block_store(tmp_path):
+    """Block size 4. 'a' computes blocks 3 and 7; 'b' arrives with 8 positions cached in
+    them; 'c' hits block 5, which 'd' computes in the same step; 'e' hits block 6, which
+    no forward of this engine computed: a 'gap' record."""
+    path = tmp_path / "log.jsonl"
+    logger = make_logger(path, block_store={"block_size": 4})
+
+    def request(name, prompt_len, cached, blocks):
+        return SimpleNamespace(**vars(new_request(name, prompt_len, cached)), block_ids=(blocks,))
+
+    step(logger, new=[request("a", 10, 0, [3, 7])], batch=[("a", 0, 8)], value=1)
+    step(logger, batch=[("a", 8, 2)], value=1, cached=cached_reqs(a=([8],)))
+    step(logger, new=[request("b", 10, 8, [3, 7, 4]), request("d", 6, 0, [5, 1]), request("c", 6, 4, [5, 2])],
+         batch=[("b", 8, 2), ("d", 0, 6), ("c", 4, 2)], value=2)
+    step(logger, new=[request("e", 6, 4, [6, 10])], batch=[("e", 4, 2)], value=3)
+    logger.close()
+    lines = lines_of(path)
+    routes = {(r["req_id"], r["token_idx"], r["layer"]): r for r in lines if r["type"] == "route"}
+    for name, computed_by, positions in (("b", "a", range(8)), ("c", "d", range(4))):
+        for pos in positions:
+            replayed, original = routes[(name, pos, 5)], routes[(computed_by, pos, 5)]
+            assert replayed["cached"] is True and "cached" not in original
+            assert (replayed["topk_ids"], replayed["topk_weights"]) == (original["topk_ids"], original["topk_weights"])
+    assert {(r["req_id"], r["token_idx"]) for r in routes.values() if r["req_id"] in "bc"} == \
+        {("b", p) for p in range(10)} | {("c", p) for p in range(6)}
+    (gap,) = [r for r in lines if r["type"] == "gap"]
+    assert (gap["req_id"], gap["first_token_idx"], gap["last_token_idx"]) == ("e", 0, 3)
+    assert not any(key[0] == "e" and key[1] < 4 for key in routes)
+    ends = {r["req_id"]: r for r in lines if r["type"] == "request_end"}
+    assert [ends[n]["cached_positions"] for n in "abcde"] == [0, 8, 4, 0, 4]
+    end = lines[-1]
+    assert end["cached_route_records"] == (8 + 4) * 3 and end["cached_positions_unknown"] == 4
+    assert end["route_records"] == len(routes) and end["block_store_bytes"] >= 6 * 2 * 3 * 4 * 11

@@ -167,6 +167,7 @@ def test_every_response_joins_its_records(served):
         assert start["prompt_len"] == len(resp["prompt_token_ids"])
         assert end["finished"] and end["routed_positions"] == (
             len(resp["prompt_token_ids"]) + len(resp["token_ids"]) - 1 - start["prompt_tokens_cached"])
+        assert end["cached_positions"] == start["prompt_tokens_cached"]
     for resp in served["chats"]:
         start, end = starts[resp["response_id"]], ends[resp["response_id"]]
         assert resp["response_id"].startswith("chatcmpl-") and start["prompt_len"] == resp["prompt_tokens"]

@@ -23,6 +23,9 @@ import time
 import numpy as np
 
 from .route_log_channel import (
+    BLOCKS,
+    BLOCKS_HEAD,
+    CACHED,
     CLOSE,
     ENGINE_WAITS,
     FRAME,
@@ -35,10 +38,12 @@ from .route_log_channel import (
     STEP,
     STEP_HEAD,
     WAIT_NS,
+    SPAN,
     RingReader,
     step_layout,
 )
 from .route_log_render import render_rows
+from .route_log_store import BlockRoutes
 
 CHUNK_RECORDS = 1 << 15  # rendered at a time: bounds the writer's own memory
 
@@ -54,7 +59,12 @@ class Writer:
         self.parent = os.getppid()
         self.prefix = np.full((64, 64), ord(" "), dtype=np.uint8)  # [slot, byte]
         self.prefix_len = np.zeros(64, dtype=np.int64)
-        self.stats = {"steps": 0, "route_records": 0, "requests": 0, "requests_ended": 0}
+        self.stats = {"steps": 0, "route_records": 0, "requests": 0, "requests_ended": 0,
+                      "cached_route_records": 0, "cached_positions_unknown": 0}
+        block_size = args.get("block_size")
+        self.store = BlockRoutes(block_size, len(self.layers), self.top_k) if block_size else None
+        self.gap_reason = args.get("gap_reason")  # why cached positions cannot be replayed
+        self.pending: list[np.ndarray] = []  # CACHED spans [n, 3] awaiting the next STEP
         self.not_logged_ids: list[str] = []
         self.error: str | None = None
         self.provisional_at: int | None = None  # offset of a provisional 'end'
@@ -65,6 +75,7 @@ class Writer:
         while (message := self.next_message()) is not None:
             kind, payload = message
             if kind == CLOSE:
+                self.replay_cached()
                 self.write(self.end_line(final=True))
                 break
             self.handle(kind, payload)
@@ -96,6 +107,12 @@ class Writer:
         elif kind == REQUEST_END:
             self.stats["requests_ended"] += 1
             self.write(payload[REQUEST_END_HEAD.size :])
+        elif kind == BLOCKS:
+            slot, first = BLOCKS_HEAD.unpack_from(payload)
+            if self.store is not None:
+                self.store.set_blocks(slot, first, np.frombuffer(payload, np.int32, offset=BLOCKS_HEAD.size))
+        elif kind == CACHED:
+            self.pending.append(np.frombuffer(payload, np.int64).reshape(-1, 3))
         elif kind == NOT_LOGGED_ID:
             self.not_logged_ids.append(payload.decode())
 
@@ -115,28 +132,58 @@ class Writer:
         ids_at, weights_at, trailer_at, _ = step_layout(rows, num_spans, num_layers, self.top_k)
         if not self.wait_for_device(offset + trailer_at):
             return
-        spans = self.ring.array(offset, np.int64, num_spans * 4).reshape(-1, 4)
+        spans = self.ring.array(offset, np.int64, num_spans * SPAN).reshape(-1, SPAN)
         shape, count = (rows, num_layers, self.top_k), rows * num_layers * self.top_k
         all_ids = self.ring.array(offset + ids_at, np.int32, count).reshape(shape)
         all_weights = self.ring.array(offset + weights_at, np.float32, count).reshape(shape)
-        slots, first, start, stop = spans.T
+        slots, first, start, stop, render_from = spans.T
         lengths = stop - start
         owner = np.repeat(np.arange(num_spans), lengths)
         row = start[owner] + np.arange(owner.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         positions = first[owner] + row - start[owner]
-        width = int(self.prefix_len[slots].max())
-        prefixes = self.prefix[slots, :width]
-        chunk = max(1, CHUNK_RECORDS // max(num_layers, 1))
         try:
-            for c in range(0, owner.size, chunk):
-                sel = row[c : c + chunk]
-                self.write(render_rows(all_ids[sel], all_weights[sel], prefixes[owner[c : c + chunk]],
-                                       positions[c : c + chunk], self.layers))
+            if self.store is not None:  # before replaying: a request may hit a block this step computed
+                self.store.put(slots[owner], positions, all_ids[row], all_weights[row])
+            self.replay_cached()
+            shown = row >= render_from[owner]
+            owner, row, positions = owner[shown], row[shown], positions[shown]
+            width = int(self.prefix_len[slots].max())
+            self.render(all_ids, all_weights, row, self.prefix[slots, :width][owner], positions)
         except Exception as e:  # a bug must not stop the ring: the engine would wait forever
             self.fail(e)
         self.ring.release(end)
         self.stats["steps"] += 1
         self.stats["route_records"] += owner.size * num_layers
+
+    def render(self, ids, weights, rows, prefixes, positions) -> None:
+        chunk = max(1, CHUNK_RECORDS // max(len(self.layers), 1))
+        for c in range(0, len(rows), chunk):
+            sel = rows[c : c + chunk]
+            self.write(render_rows(ids[sel], weights[sel], prefixes[c : c + chunk],
+                                   positions[c : c + chunk], self.layers))
+
+    def replay_cached(self) -> None:
+        """Route records, marked cached, for positions the prefix cache served: from the
+        store, or a 'gap' record for positions whose routing is not known here."""
+        spans, self.pending = self.pending, []
+        for slot, start, stop in (s for group in spans for s in group.tolist()):
+            prefix = self.prefix[slot, : self.prefix_len[slot]].tobytes()
+            known = np.zeros(stop - start, bool)
+            if self.store is not None and self.gap_reason is None:
+                ids, weights, known = self.store.get(slot, start, stop)
+                rows = np.flatnonzero(known)
+                marked = np.frombuffer(prefix + b'"cached":true,', np.uint8)
+                self.render(ids, weights, rows, np.broadcast_to(marked, (len(rows), len(marked))),
+                            start + rows)
+                self.stats["cached_route_records"] += len(rows) * len(self.layers)
+                self.stats["route_records"] += len(rows) * len(self.layers)
+            for a, b in _runs(np.flatnonzero(~known)):
+                self.write(b'{"type":"gap",' + prefix + json.dumps(
+                    {"first_token_idx": start + a, "last_token_idx": start + b,
+                     "reason": self.gap_reason or "routing of these cached positions is not "
+                     "known: their KV blocks were not computed by this engine's forward"},
+                    separators=(",", ":"))[1:].encode() + b"\n")
+                self.stats["cached_positions_unknown"] += b - a + 1
 
     def wait_for_device(self, trailer: int) -> bool:
         """The step's device copy has landed once its trailer reads 1. False if the
@@ -172,6 +219,7 @@ class Writer:
                   "requests_not_logged": int(header[NOT_LOGGED]),
                   "requests_not_logged_ids": self.not_logged_ids,
                   "writer_max_rss_mb": _peak_rss_mb(),
+                  "block_store_bytes": self.store.nbytes if self.store else 0,
                   "write_error": self.error, "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
@@ -204,6 +252,14 @@ class Writer:
             print(f"ERROR {stamp} [route_log_writer.py] VLLM_LOG_MOE: writing {self.path} failed "
                   f"({self.error}); the route log stops here and generation goes on",
                   file=sys.stderr, flush=True)
+
+
+def _runs(index: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) of each run of consecutive values in a sorted index."""
+    if not index.size:
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1)
+    return list(zip(index[np.r_[0, breaks + 1]].tolist(), index[np.r_[breaks, index.size - 1]].tolist()))
 
 
 def _peak_rss_mb() -> int:

@@ -21,7 +21,6 @@ import fcntl
 import json
 import multiprocessing.util
 import re
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +32,9 @@ import torch
 
 from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.route_log_channel import (
+    BLOCKS,
+    BLOCKS_HEAD,
+    CACHED,
     HEADER,
     REQUEST,
     REQUEST_END,
@@ -53,22 +55,10 @@ from vllm.model_executor.layers.fused_moe.route_log_config import (
     RouteLogError,
     WriterLayout,
 )
+from vllm.model_executor.layers.fused_moe.route_log_meta import block_store_settings, route_log_meta
 from vllm.platforms import current_platform
 
 logger = init_logger(__name__)
-
-SCHEMA_VERSION = 1
-COVERAGE = (
-    "One route record per (request, position, logged layer) that went through the "
-    "forward pass. Positions served from the prefix cache skip the forward and have "
-    "no route records: each request's 'request' record gives prompt_len and "
-    "prompt_tokens_cached. The last generated token is never fed back, so it has none. "
-    "'request_end' closes a request (finished false: still running at shutdown). "
-    "Requests no caller sent (vLLM's warm-up) are not logged; 'end' counts them. "
-    "An 'end' with final false was written when no request was open and the engine's "
-    "processes were then stopped without closing the log: complete up to ended_at."
-)
-
 
 def moe_routers(model: torch.nn.Module) -> dict[int, Any]:
     """{decoder-layer index: router} for every MoE layer whose router we can hook."""
@@ -183,20 +173,22 @@ class _Slots:
         self.next_pos = np.zeros(0, dtype=np.int64)  # every position below it is logged
         self.routed = np.zeros(0, dtype=np.int64)
         self.recomputed = np.zeros(0, dtype=np.int64)
+        self.cached = np.zeros(0, dtype=np.int64)  # positions the prefix cache served
+        self.blocks = np.zeros(0, dtype=np.int64)  # KV blocks the writer knows of
         self.free: list[int] = []
 
     def open(self, request: _Request) -> int:
         if not self.free:
             n = len(self.requests)
             self.requests += [None] * max(n, 64)
-            for name in ("next_pos", "routed", "recomputed"):
+            for name in ("next_pos", "routed", "recomputed", "cached", "blocks"):
                 setattr(self, name, np.resize(getattr(self, name), len(self.requests)))
             self.free = list(range(len(self.requests) - 1, n - 1, -1))
         slot = self.free.pop()
         self.of[request.engine_req_id] = slot
         self.requests[slot] = request
-        self.next_pos[slot] = request.prompt_tokens_cached
-        self.routed[slot] = self.recomputed[slot] = 0
+        self.next_pos[slot] = self.routed[slot] = self.recomputed[slot] = 0
+        self.cached[slot] = self.blocks[slot] = 0
         return slot
 
     def close(self, engine_id: str) -> tuple[int, _Request] | None:
@@ -213,7 +205,8 @@ class RouteLogger:
     process of one worker. Only the thread that runs the model calls it."""
 
     def __init__(self, config: RouteLogConfig, meta: dict, layers: list[int], top_k: int,
-                 max_rows: int, device: torch.device, path: str, request_fields: dict):
+                 max_rows: int, device: torch.device, path: str, request_fields: dict,
+                 block_store: dict | None = None):
         self.layers = layers  # may be empty on a pipeline stage without logged layers
         self.top_k = top_k
         # [max_num_batched_tokens, num_logged_layers, top_k]; row i = batch row i.
@@ -223,6 +216,8 @@ class RouteLogger:
         self.one = torch.ones(1, dtype=torch.int64, device=device)  # the step's trailer
         self.slots = _Slots()
         self.request_fields = request_fields  # extra fields of request records
+        # {"block_size": ..., "gap_reason": ...}: None without prefix caching.
+        self.block_store = block_store if layers else None
         step_max = step_layout(max_rows, max_rows, len(layers), top_k)[3]
         capacity = _buffer_bytes(config, step_max)
         meta = {**meta, "buffer_bytes": capacity}
@@ -235,7 +230,7 @@ class RouteLogger:
             log.write(json.dumps(meta, separators=(",", ":")).encode() + b"\n")
             log.flush()
             self.channel = RouteLogChannel(capacity, log.fileno(), {
-                "path": path, "layers": layers, "top_k": top_k})
+                "path": path, "layers": layers, "top_k": top_k, **(self.block_store or {})})
         self.ring = torch.frombuffer(self.channel.ring, dtype=torch.uint8)
         if device.type == "cuda":  # pinned, so that device copies into it are asynchronous
             error = torch.cuda.cudart().cudaHostRegister(self.ring.data_ptr(), self.ring.numel(), 0)
@@ -282,9 +277,26 @@ class RouteLogger:
                 prefix = request.prefix
                 self.channel.post(REQUEST, REQUEST_HEAD.pack(slot, len(prefix)) + prefix
                                   + _request_line("request", request, **self.request_fields))
+                if self.block_store is not None:
+                    self._post_blocks(slot, new_req.block_ids, replace=True)
+            if self.block_store is not None:
+                cached = scheduler_output.scheduled_cached_reqs
+                for engine_id, new_blocks in zip(cached.req_ids, cached.new_block_ids):
+                    slot = self.slots.of.get(engine_id)
+                    if new_blocks is not None and slot is not None:
+                        self._post_blocks(slot, new_blocks, engine_id in cached.resumed_req_ids)
             for engine_id in scheduler_output.finished_req_ids:
                 self._end_request(engine_id, finished=True)
             self.channel.flush()
+
+    def _post_blocks(self, slot: int, block_ids: tuple[list[int], ...], replace: bool) -> None:
+        """The request's KV blocks (cache group 0), for the writer's block store."""
+        if not block_ids or not block_ids[0]:
+            return
+        first = 0 if replace else int(self.slots.blocks[slot])
+        self.slots.blocks[slot] = first + len(block_ids[0])
+        self.channel.post(BLOCKS, BLOCKS_HEAD.pack(slot, first)
+                          + np.asarray(block_ids[0], dtype=np.int32).tobytes())
 
     def _end_request(self, engine_id: str, finished: bool) -> None:
         closed = self.slots.close(engine_id)
@@ -293,6 +305,7 @@ class RouteLogger:
             line = _request_line("request_end", request, finished=finished,
                                  routed_positions=int(self.slots.routed[slot]),
                                  recomputed_positions=int(self.slots.recomputed[slot]),
+                                 cached_positions=int(self.slots.cached[slot]),
                                  **self.request_fields)
             self.channel.post(REQUEST_END, REQUEST_END_HEAD.pack(slot) + line)
 
@@ -308,18 +321,30 @@ class RouteLogger:
         pos = np.asarray(num_computed_tokens[:n], dtype=np.int64)
         mine = slots >= 0  # not a caller's request otherwise
         slots, first, ends, pos = slots[mine], first[mine], ends[mine], pos[mine]
-        # After a preemption the same positions run again: log each once.
+        # After a preemption the same positions run again: log each once. Positions
+        # skipped forward were served by the prefix cache: the writer replays them.
         counts = ends - first
-        skip = np.clip(self.slots.next_pos[slots] - pos, 0, counts)
+        next_pos = self.slots.next_pos[slots]
+        skip = np.clip(next_pos - pos, 0, counts)
+        jump = np.maximum(pos - next_pos, 0)
         self.slots.recomputed[slots] += skip
         self.slots.routed[slots] += counts - skip
-        self.slots.next_pos[slots] = np.maximum(self.slots.next_pos[slots], pos + counts)
-        fresh = counts > skip
-        if not fresh.any() or not self.layers:
+        self.slots.cached[slots] += jump
+        self.slots.next_pos[slots] = np.maximum(next_pos, pos + counts)
+        if not self.layers:
             return
-        spans = np.stack([slots, pos + skip, first + skip, ends], axis=1)[fresh]
+        if self.block_store is not None:  # every row, recomputed ones too, feeds the store
+            spans = np.stack([slots, pos, first, ends, first + skip], axis=1)
+        else:
+            spans = np.stack([slots, pos + skip, first + skip, ends, first + skip], axis=1)[counts > skip]
         with self._stop_if_writer_gone():
-            self._send_step(spans, int(starts[n]))
+            if jump.any():
+                hit = jump > 0
+                self.channel.post(CACHED, np.stack([slots, next_pos, pos], axis=1)[hit].tobytes())
+            if len(spans):
+                self._send_step(spans, int(starts[n]))
+            else:
+                self.channel.flush()
 
     def _send_step(self, spans: np.ndarray, num_rows: int) -> None:
         """Copies this step's rows into the ring before the next forward reuses them:
@@ -373,50 +398,6 @@ def _request_line(kind: str, request: _Request, **extra) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
-def route_log_meta(vllm_config, routers: dict[int, Any], layers: list[int], parallel: dict) -> dict:
-    import vllm
-
-    model = vllm_config.model_config
-    router = routers[layers[0]] if layers else None
-    return {
-        "type": "meta",
-        "schema": SCHEMA_VERSION,
-        "model_id": model.model,
-        "vllm_version": vllm.__version__,
-        "torch_version": torch.__version__,
-        "device": _device_name(),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "seed": model.seed,
-        "layers_logged": layers,
-        "moe_layers": sorted(routers),
-        "num_layers": model.get_total_num_hidden_layers(),
-        "num_experts": router.global_num_experts if router else model.get_num_experts(),
-        "top_k": router.top_k if router else None,
-        "renormalize": getattr(router, "renormalize", None),
-        "prefix_caching": bool(vllm_config.cache_config.enable_prefix_caching),
-        "enforce_eager": bool(model.enforce_eager),
-        "cudagraph_mode": str(vllm_config.compilation_config.cudagraph_mode),
-        "model_runner": "v2" if getattr(vllm_config, "use_v2_model_runner", False) else "v1",
-        "async_scheduling": bool(vllm_config.scheduler_config.async_scheduling),
-        "parallel": parallel,
-        "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
-        "weight_decimals": 9,
-        "coverage": COVERAGE,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def _device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"cpu: {names[0]}" if names else "cpu"
-    except OSError:
-        return "cpu"
-
-
 _ACTIVE: RouteLogger | None = None
 
 
@@ -442,7 +423,8 @@ def attach(model: torch.nn.Module, vllm_config) -> torch.nn.Module:
         return model  # routing is replicated across TP ranks; rank 0 writes
     if _ACTIVE is not None:
         raise RuntimeError(f"{ENV_PATH}: a second model was loaded in this process")
-    meta = route_log_meta(vllm_config, routers, layers, layout.meta(config.path))
+    block_store = block_store_settings(vllm_config)
+    meta = route_log_meta(vllm_config, routers, layers, layout.meta(config.path), block_store)
     # Requests are split across DP ranks: say which one served each.
     request_fields = {"dp_rank": layout.dp_rank} if layout.data_parallel_size > 1 else {}
     top_k = routers[layers[0]].top_k if layers else 0
@@ -450,6 +432,7 @@ def attach(model: torch.nn.Module, vllm_config) -> torch.nn.Module:
         config, meta, layers, top_k, vllm_config.scheduler_config.max_num_batched_tokens,
         torch.device(current_platform.device_type),
         layout.shard_path(config.path, layout.dp_rank, layout.pp_rank), request_fields,
+        block_store,
     )
     for slot, layer in enumerate(layers):
         routers[layer].route_log_fn = partial(_ACTIVE._capture, slot)
