@@ -18,12 +18,14 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 SCHEMA_VERSIONS = {1}
-PHASES = ("prompt", "generated", "unknown")  # unknown: no 'request' record seen
+# cached: prompt positions the prefix cache served, their routing replayed by the
+# writer ("cached": true); unknown: no 'request' record seen.
+PHASES = ("prompt", "generated", "unknown", "cached")
 CHUNK_BYTES = 64 << 20
 COLUMNS = pa.schema([
     ("type", pa.string()), ("req_id", pa.string()), ("sample", pa.int64()),
     ("token_idx", pa.int64()), ("layer", pa.int64()), ("topk_ids", pa.list_(pa.int64())),
-    ("topk_weights", pa.list_(pa.float64())), ("prompt_len", pa.int64()),
+    ("topk_weights", pa.list_(pa.float64())), ("prompt_len", pa.int64()), ("cached", pa.bool_()),
 ])
 META_FIELDS = ("schema", "model_id", "layers_logged", "num_experts", "top_k")
 
@@ -40,6 +42,7 @@ class RouteLog:
     requests: int = 0  # distinct caller request ids with a 'request' record
     records: int = 0  # route lines read
     duplicates: int = 0  # route lines whose (req_id, sample, token_idx, layer) came before
+    gap_positions: int = 0  # positions a 'gap' record says have no routing
     truncated_tail: bytes = b""  # an unfinished last line, e.g. after a crash
     end: dict | None = None  # the closing record, absent if the engine did not shut down
     notes: list[str] = field(default_factory=list)
@@ -133,6 +136,9 @@ class _Reader:
             self.prompt_len[record["req_id"]] = record["prompt_len"]
         elif kind == "end":
             self.log.end = json.loads(block.split(b"\n")[row])
+        elif kind == "gap":
+            gap = json.loads(block.split(b"\n")[row])
+            self.log.gap_positions += gap["last_token_idx"] - gap["first_token_idx"] + 1
         elif kind not in ("request_end",):
             raise LogFormatError(f"line {self.line + row + 1}: unknown record type {kind!r}")
 
@@ -162,7 +168,7 @@ class _Reader:
         fresh = self._first_sightings(names, row_req, routes["sample"], token_idx, layer)
         self.log.records += len(layer)
         self.log.duplicates += int((~fresh).sum())
-        phase = self._phases(names, row_req, token_idx)
+        phase = self._phases(names, row_req, token_idx, routes["cached"])
         slot, phase, ids, weights = slot[fresh], phase[fresh], ids[fresh], weights[fresh]
         cell = (slot * len(PHASES) + phase)[:, None] * self.num_experts + ids
         size = self.count.size
@@ -189,10 +195,12 @@ class _Reader:
         fresh[order] = fresh_sorted
         return fresh
 
-    def _phases(self, names, row_req, token_idx) -> np.ndarray:
-        """0 prompt, 1 generated, 2 unknown (no 'request' record seen for the id)."""
+    def _phases(self, names, row_req, token_idx, cached) -> np.ndarray:
+        """0 prompt, 1 generated, 2 unknown (no 'request' record seen for the id),
+        3 cached (replayed from the prefix cache)."""
         prompt_len = np.array([self.prompt_len.get(n, -1) for n in names.to_pylist()], np.int64)[row_req]
-        return np.where(prompt_len < 0, 2, (token_idx >= prompt_len).astype(np.int64))
+        phase = np.where(prompt_len < 0, 2, (token_idx >= prompt_len).astype(np.int64))
+        return np.where(cached.fill_null(False).to_numpy(zero_copy_only=False), 3, phase)
 
     def _locate_bad_line(self, block: bytes) -> LogFormatError:
         for i, line in enumerate(block.split(b"\n")[:-1]):
@@ -225,6 +233,9 @@ class _Reader:
         if "writer" in log.meta.get("parallel", {}) and len(shards) > 1:
             log.notes.append(f"one shard of {len(shards)} ({', '.join(shards)}); "
                              "join them with python -m analysis.merge")
+        if log.gap_positions:
+            log.notes.append(f"{log.gap_positions} positions served from the prefix cache have no "
+                             "routing ('gap' records say which and why)")
         if log.duplicates:
             log.notes.append(f"{log.duplicates} repeated route records were counted once")
         index = pd.MultiIndex.from_product([self.layers, PHASES, range(self.num_experts)],

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.logfile import RouteLog
+from analysis.logfile import PHASES, RouteLog
 
 
 def short_name(model_id: str) -> str:
@@ -51,15 +51,20 @@ def distribution_stats(shares: pd.Series) -> dict:
     }
 
 
-def layer_stats(log: RouteLog, layer: int, weighted: bool = False) -> dict:
-    """One layer: the distribution over all tokens, then prompt and generated apart."""
+def layer_stats(log: RouteLog, layer: int, weighted: bool = False, cached: bool = True) -> dict:
+    """One layer: the distribution over all tokens, then prompt and generated apart.
+    ``cached``: count prompt positions the prefix cache served (the routing the model
+    saw for every token) or leave them out (the work the experts did)."""
     tokens = log.tokens[log.tokens["layer"] == layer].set_index("phase")["tokens"]
-    shares = expert_shares(log.loads, layer, weighted=weighted)
-    out = {"layer": layer, "tokens": int(tokens.sum()), "weighted": weighted,
-           **distribution_stats(shares), "shares": [float(s) for s in shares]}
-    for phase in ("prompt", "generated"):
-        phase_shares = expert_shares(log.loads, layer, phase, weighted)
-        out[phase] = {"tokens": int(tokens.get(phase, 0)), **distribution_stats(phase_shares)}
+    counted = [p for p in PHASES if cached or p != "cached"]
+    shares = expert_shares(log.loads, layer, counted, weighted)
+    out = {"layer": layer, "weighted": weighted, "cached_included": cached,
+           "tokens": int(tokens[counted].sum()), "tokens_computed": int(tokens.drop("cached").sum()),
+           "tokens_cached": int(tokens.get("cached", 0)), **distribution_stats(shares),
+           "shares": [float(s) for s in shares]}
+    for phase, phases in (("prompt", ["prompt", "cached"] if cached else ["prompt"]), ("generated", ["generated"])):
+        phase_shares = expert_shares(log.loads, layer, phases, weighted)
+        out[phase] = {"tokens": int(tokens[phases].sum()), **distribution_stats(phase_shares)}
     if tokens.get("unknown", 0):
         out["unknown_phase_tokens"] = int(tokens["unknown"])
     return out

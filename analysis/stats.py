@@ -11,7 +11,7 @@ from analysis.logfile import read_for_cli
 from analysis.metrics import analysis_note, layer_stats
 
 
-def report(log, layers: list[int], weighted: bool) -> dict:
+def report(log, layers: list[int], weighted: bool, cached: bool = True) -> dict:
     return {
         "model_id": log.meta["model_id"],
         "num_experts": log.meta["num_experts"],
@@ -21,7 +21,7 @@ def report(log, layers: list[int], weighted: bool) -> dict:
         "duplicates": log.duplicates,
         "complete": log.end is not None and not log.truncated_tail,
         "notes": log.notes,
-        "layers": [layer_stats(log, layer, weighted) for layer in layers],
+        "layers": [layer_stats(log, layer, weighted, cached) for layer in layers],
     }
 
 
@@ -33,7 +33,9 @@ def format_text(rep: dict) -> str:
         top3 = ", ".join(f"{t['expert']} ({t['share']:.1%})" for t in s["top3"])
         lines += [
             "",
-            f"layer {s['layer']} ({'gate-weight' if s['weighted'] else 'selection'} shares, {s['tokens']} tokens)",
+            f"layer {s['layer']} ({'gate-weight' if s['weighted'] else 'selection'} shares, {s['tokens']} tokens: "
+            f"{s['tokens_computed']} computed, {s['tokens_cached']} from the prefix cache"
+            f"{'' if s['cached_included'] else ', left out'})",
             f"  top-3 experts      {top3}",
             f"  entropy            {s['entropy_bits']:.3f} bits, normalised {s['entropy_norm']:.3f}",
             f"  max/mean load      {s['max_over_mean']:.2f}   cv {s['cv']:.3f}   unused {s['unused_experts']}",
@@ -55,6 +57,9 @@ def main(argv=None) -> int:
     parser.add_argument("log")
     parser.add_argument("--layer", type=int, action="append", help="a logged layer (repeatable; default all)")
     parser.add_argument("--weighted", action="store_true", help="shares of summed gate weight, not of selections")
+    parser.add_argument("--no-cached", dest="cached", action="store_false",
+                        help="leave out prompt positions served from the prefix cache (expert work, "
+                             "not the routing every token got)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--note", action="store_true", help="only the README analysis note (first layer asked)")
     args = parser.parse_args(argv)
@@ -63,7 +68,7 @@ def main(argv=None) -> int:
         note = analysis_note(log, layers[0])
         print(json.dumps({"layer": layers[0], "note": note}) if args.json else note)
         return 0
-    rep = report(log, layers, args.weighted)
+    rep = report(log, layers, args.weighted, args.cached)
     print(json.dumps(rep, indent=1) if args.json else format_text(rep))
     return 0
 

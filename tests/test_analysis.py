@@ -143,3 +143,23 @@ def test_cli_reports_a_bad_log_without_a_traceback(tmp_path, capsys):
         with pytest.raises(SystemExit, match="2"):
             cli.main([str(path), *args])
     assert capsys.readouterr().err.count("line 1: missing meta header") == 2
+
+
+def test_cached_positions_are_counted_or_left_out(tmp_path):
+    """Request b's first 4 positions came from the prefix cache (expert 1); computed
+    positions chose expert 0. A 'gap' record of 2 positions becomes a note."""
+    path = write_log(tmp_path / "c.jsonl", meta(num_experts=4, top_k=1), {"a": 4, "b": 6},
+                     [("a", t, 0, (0,), (1.0,)) for t in range(4)] + [("b", t, 0, (0,), (1.0,)) for t in (4, 5)])
+    lines = path.read_text().splitlines()
+    cached = [{"type": "route", "req_id": "b", "cached": True, "token_idx": t, "layer": 0, "topk_ids": [1],
+               "topk_weights": [1.0]} for t in range(4)]
+    gap = {"type": "gap", "req_id": "c", "first_token_idx": 0, "last_token_idx": 1, "reason": "test"}
+    path.write_text("\n".join(lines[:-1] + [json.dumps(x) for x in cached + [gap]] + lines[-1:]) + "\n")
+    log = read_log(path)
+    with_cached, without = layer_stats(log, 0), layer_stats(log, 0, cached=False)
+    assert (with_cached["tokens"], with_cached["tokens_computed"], with_cached["tokens_cached"]) == (10, 6, 4)
+    assert with_cached["shares"] == [0.6, 0.4, 0, 0] and with_cached["prompt"]["tokens"] == 10
+    assert (without["tokens"], without["shares"], without["prompt"]["tokens"]) == (6, [1, 0, 0, 0], 6)
+    assert log.gap_positions == 2 and any("2 positions" in n for n in log.notes)
+    rep = stats.report(log, [0], weighted=False, cached=False)
+    assert rep["layers"][0]["cached_included"] is False and rep["layers"][0]["tokens_cached"] == 4
