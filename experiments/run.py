@@ -45,7 +45,7 @@ def child(args) -> dict:
             "CPU: bash scripts/setup.sh, GPU: VLLM_USE_PRECOMPILED=1 pip install -e vllm-fork (README)")
     t0 = time.perf_counter()
     llm = LLM(model=args.model, tokenizer=args.tokenizer, load_format=args.load_format, seed=args.seed,
-              max_model_len=args.max_model_len, enable_prefix_caching=False,
+              max_model_len=args.max_model_len,
               gpu_memory_utilization=0.3 if on_cpu else 0.9, dtype=args.dtype)
     start = time.perf_counter() - t0
     prompts = chat_prompts(llm.get_tokenizer(), json.loads(Path(args.questions).read_text()))
