@@ -9,7 +9,9 @@ scheduler admits ``--requests`` requests at once, prefills them in chunks of the
 one ``generate`` call. Every step goes through the real ``RouteLogger.begin_step`` /
 ``end_forward`` and its writer, with the device buffers replaced by host tensors
 holding random routing. Each mode runs in a fresh process, modes rotate per round.
-Reported: steps/s, the ratio of wall time to "off", engine waits, whether the log
+Mode "all-store" is "all" with the prefix-cache block store on (block size 16; KV
+blocks handed out as vLLM does, block ids sent with each step, every row stored; no
+cache hits). Reported: steps/s, the ratio of wall time to "off", engine waits, whether the log
 holds every record, the writer's lag (last step to the closing record), the peak RSS
 of the engine loop's process and of the writer process (from the log's 'end' record;
 the writer of 3b4bc08 was a thread of the loop's process).
@@ -29,10 +31,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-MODES = {"off": None, "layer0": [0], "all": "all"}
+MODES = {"off": None, "layer0": [0], "all": "all", "all-store": "all"}
+BLOCK_SIZE = 16
 
 
-def make_logger(path: str, layers: list[int], rows: int, top_k: int, num_experts: int):
+def make_logger(path: str, layers: list[int], rows: int, top_k: int, num_experts: int, store: bool):
     import torch
 
     from vllm.model_executor.layers.fused_moe import route_logger
@@ -41,7 +44,8 @@ def make_logger(path: str, layers: list[int], rows: int, top_k: int, num_experts
     config = RouteLogConfig.from_env({"VLLM_LOG_MOE": path, "VLLM_LOG_MOE_LAYERS": "all"})
     meta = {"type": "meta", "schema": 1, "layers_logged": layers, "num_experts": num_experts,
             "top_k": top_k, "bench": True}
-    logger = route_logger.RouteLogger(config, meta, layers, top_k, rows, torch.device("cpu"), path, {})
+    logger = route_logger.RouteLogger(config, meta, layers, top_k, rows, torch.device("cpu"), path, {},
+                                      {"block_size": BLOCK_SIZE} if store else None)
     gen = torch.Generator().manual_seed(0)
     logger.ids.copy_(torch.randint(0, num_experts, logger.ids.shape, generator=gen))
     logger.weights.copy_(torch.rand(logger.weights.shape, generator=gen))
@@ -55,8 +59,9 @@ class ToyScheduler:
     def __init__(self, n: int, prompt_len: int, max_tokens: int, budget: int, wave: int):
         self.waiting = [SimpleNamespace(req_id=f"w{wave}-{i}-0123abcd", external_req_id=f"w{wave}-{i}",
                                         prompt_token_ids=[1] * prompt_len, prompt_embeds=None,
-                                        num_computed_tokens=0, done=0, new=True)
+                                        num_computed_tokens=0, done=0, new=True, blocks=[])
                         for i in range(n)]
+        self.next_block = 0
         self.running: list = []
         self.prompt_len, self.max_tokens, self.budget = prompt_len, max_tokens, budget
         self.finished: list[str] = []
@@ -73,13 +78,30 @@ class ToyScheduler:
             if left > 0 and budget > 0:
                 batch.append((r, min(left, budget)))
                 budget -= min(left, budget)
+        new_blocks = self.allocate(batch)
         new = [r for r, _ in batch if r.new]
         for r in new:
             r.new = False
+            r.block_ids = (list(r.blocks),)
             self.waiting.remove(r)
             self.running.append(r)
-        out = SimpleNamespace(scheduled_new_reqs=new, finished_req_ids=finished)
+        old = [r.req_id for r, _ in batch if r not in new]
+        cached = SimpleNamespace(req_ids=old, resumed_req_ids=set(),
+                                 new_block_ids=[new_blocks.get(i) for i in old])
+        out = SimpleNamespace(scheduled_new_reqs=new, scheduled_cached_reqs=cached, finished_req_ids=finished)
         return out, batch
+
+    def allocate(self, batch) -> dict[str, tuple[list[int]]]:
+        """KV blocks for the positions this step computes: {req_id: (new block ids,)}."""
+        new_blocks = {}
+        for r, n in batch:
+            need = -(-(r.num_computed_tokens + n) // BLOCK_SIZE) - len(r.blocks)
+            if need > 0:
+                ids = list(range(self.next_block, self.next_block + need))
+                self.next_block += need
+                r.blocks += ids
+                new_blocks[r.req_id] = (ids,)
+        return new_blocks
 
     def advance(self, batch) -> None:
         for r, n in batch:
@@ -113,7 +135,7 @@ def child(args) -> dict:
     logger = None
     if mode is not None:
         layers = list(range(args.layers)) if mode == "all" else mode
-        logger = make_logger(args.log, layers, args.budget, args.top_k, args.experts)
+        logger = make_logger(args.log, layers, args.budget, args.top_k, args.experts, args.mode == "all-store")
     table: dict = {}
     steps = records = 0
     t0 = time.perf_counter()
@@ -136,7 +158,9 @@ def child(args) -> dict:
             steps += 1
             records += sum(n for _, n in batch)
         if logger:  # the finished requests of the last step
-            logger.begin_step(SimpleNamespace(scheduled_new_reqs=[], finished_req_ids=sched.finished))
+            logger.begin_step(SimpleNamespace(scheduled_new_reqs=[], finished_req_ids=sched.finished,
+                                              scheduled_cached_reqs=SimpleNamespace(
+                                                  req_ids=[], resumed_req_ids=set(), new_block_ids=[])))
     wall = time.perf_counter() - t0
     result = {"mode": args.mode, "wall_s": wall, "steps": steps, "rows": records}
     if logger:
@@ -159,6 +183,7 @@ def check_log(path: Path, rows: int, layers: int) -> dict:
     return {"route_records": routes, "expected": expected, "complete": routes == expected,
             "engine_waits": end and end["engine_waits"], "final": end and end["final"],
             "writer_mb": end and end.get("writer_max_rss_mb"),
+            "block_store_mb": end and round(end.get("block_store_bytes", 0) / 2**20, 1),
             "mb": path.stat().st_size / 1e6}
 
 
@@ -175,7 +200,7 @@ def run(args) -> list[dict]:
                 subprocess.run(cmd, check=True)
                 result = json.loads(out.read_text()) | {"round": rnd}
                 if log.exists():
-                    n = args.layers if mode == "all" else 1
+                    n = 1 if mode == "layer0" else args.layers
                     result["log"] = check_log(log, result["rows"], n)
                     log.unlink()
                 print(json.dumps(result), flush=True)
@@ -193,8 +218,8 @@ def table(results: list[dict]) -> str:
     rounds = sorted({r["round"] for r in results})
     cell = {(r["mode"], r["round"]): r for r in results}
     lines = ["| mode | wall s (median) | steps/s | vs off (per round) | engine waits | log complete "
-             "| writer lag s | loop peak RSS MB | writer peak RSS MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| writer lag s | loop peak RSS MB | writer peak RSS MB | block store MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in MODES:
         runs = [cell[(mode, n)] for n in rounds if (mode, n) in cell]
         if not runs:
@@ -210,7 +235,8 @@ def table(results: list[dict]) -> str:
             f"| {'-' if not logs else ('yes' if all(x['complete'] and x['final'] for x in logs) else 'NO')} "
             f"| {lags} "
             f"| {max(r['peak_rss_mb'] for r in runs):.0f} "
-            f"| {max((x['writer_mb'] or 0 for x in logs), default=0) or '-'} |")
+            f"| {max((x['writer_mb'] or 0 for x in logs), default=0) or '-'} "
+            f"| {max((x.get('block_store_mb') or 0 for x in logs), default=0) or '-'} |")
     return "\n".join(lines)
 
 

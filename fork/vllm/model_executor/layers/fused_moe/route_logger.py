@@ -282,8 +282,7 @@ class RouteLogger:
             if self.block_store is not None:
                 cached = scheduler_output.scheduled_cached_reqs
                 for engine_id, new_blocks in zip(cached.req_ids, cached.new_block_ids):
-                    slot = self.slots.of.get(engine_id)
-                    if new_blocks is not None and slot is not None:
+                    if new_blocks is not None and (slot := self.slots.of.get(engine_id)) is not None:
                         self._post_blocks(slot, new_blocks, engine_id in cached.resumed_req_ids)
             for engine_id in scheduler_output.finished_req_ids:
                 self._end_request(engine_id, finished=True)
