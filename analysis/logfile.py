@@ -7,6 +7,7 @@ de-duplication), whatever the log's size. The load table has one row per
 
 import io
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
+
+from analysis.aggregates import WINDOW, Aggregates
 
 SCHEMA_VERSIONS = {1}
 # cached: prompt positions the prefix cache served, their routing replayed by the
@@ -27,7 +30,10 @@ COLUMNS = pa.schema([
     ("token_idx", pa.int64()), ("layer", pa.int64()), ("topk_ids", pa.list_(pa.int64())),
     ("topk_weights", pa.list_(pa.float64())), ("prompt_len", pa.int64()), ("cached", pa.bool_()),
 ])
-META_FIELDS = ("schema", "model_id", "layers_logged", "num_experts", "top_k")
+# The minimal header; schema, num_experts and the rest are optional (num_experts is then
+# inferred from the largest expert id seen).
+META_FIELDS = ("layers_logged", "top_k")
+NUMERIC_REQ_ID = re.compile(rb'"req_id"\s*:\s*(-?\d+)')
 
 
 class LogFormatError(ValueError):
@@ -42,6 +48,10 @@ class RouteLog:
     requests: int = 0  # distinct caller request ids with a 'request' record
     records: int = 0  # route lines read
     duplicates: int = 0  # route lines whose (req_id, sample, token_idx, layer) came before
+    pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer, a, b, count (a < b)
+    confidence: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer, measure, bin_low, count
+    windows: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer, window, tokens, max_over_mean
+    unknown_types: dict = field(default_factory=dict)  # record type -> lines ignored
     gap_positions: int = 0  # positions a 'gap' record says have no routing
     truncated_tail: bytes = b""  # an unfinished last line, e.g. after a crash
     end: dict | None = None  # the closing record, absent if the engine did not shut down
@@ -58,7 +68,7 @@ def read_meta(first_line: bytes) -> dict:
     missing = [f for f in META_FIELDS if f not in meta]
     if missing:
         raise LogFormatError(f"line 1: meta header lacks {', '.join(missing)}")
-    if meta["schema"] not in SCHEMA_VERSIONS:
+    if meta.get("schema", 1) not in SCHEMA_VERSIONS:
         raise LogFormatError(f"line 1: schema {meta['schema']} not in {sorted(SCHEMA_VERSIONS)}")
     return meta
 
@@ -82,10 +92,10 @@ def _exit_with(message: str) -> None:
     sys.exit(2)
 
 
-def read_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> RouteLog:
+def read_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: int = WINDOW) -> RouteLog:
     with open(path, "rb") as f:
         meta = read_meta(f.readline())
-        reader = _Reader(meta)
+        reader = _Reader(meta, window)
         tail = b""
         while block := f.read(chunk_bytes):
             block = tail + block
@@ -96,12 +106,19 @@ def read_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> RouteLog:
     return reader.result(tail)
 
 
+def _parse(block: bytes) -> pa.Table:
+    return pajson.read_json(io.BytesIO(block), parse_options=pajson.ParseOptions(
+        explicit_schema=COLUMNS, unexpected_field_behavior="ignore"))
+
+
 class _Reader:
-    def __init__(self, meta: dict):
+    def __init__(self, meta: dict, window: int):
         self.meta = meta
         self.layers = list(meta["layers_logged"])
-        self.num_experts = meta["num_experts"]
+        self.inferred = "num_experts" not in meta
+        self.num_experts = 0 if self.inferred else meta["num_experts"]
         self.top_k = meta["top_k"]
+        self.agg = Aggregates(self.layers, self.num_experts, window)
         shape = (len(self.layers), len(PHASES), self.num_experts)
         self.count = np.zeros(shape, np.int64)
         self.weight = np.zeros(shape, np.float64)
@@ -114,12 +131,12 @@ class _Reader:
     def add(self, block: bytes) -> None:
         lines = block.count(b"\n")
         try:
-            table = pajson.read_json(
-                io.BytesIO(block),
-                parse_options=pajson.ParseOptions(explicit_schema=COLUMNS, unexpected_field_behavior="ignore"),
-            )
+            table = _parse(block)
         except (pa.ArrowInvalid, ValueError):
-            raise self._locate_bad_line(block) from None
+            try:  # req_id written as a number: read it as its decimal string
+                table = _parse(NUMERIC_REQ_ID.sub(rb'"req_id":"\1"', block))
+            except (pa.ArrowInvalid, ValueError):
+                raise self._locate_bad_line(block) from None
         if table.num_rows != lines:
             raise self._locate_bad_line(block)
         kind = table["type"].to_numpy(zero_copy_only=False)
@@ -139,8 +156,8 @@ class _Reader:
         elif kind == "gap":
             gap = json.loads(block.split(b"\n")[row])
             self.log.gap_positions += gap["last_token_idx"] - gap["first_token_idx"] + 1
-        elif kind not in ("request_end",):
-            raise LogFormatError(f"line {self.line + row + 1}: unknown record type {kind!r}")
+        elif kind not in ("request_end", "meta"):
+            self.log.unknown_types[kind] = self.log.unknown_types.get(kind, 0) + 1
 
     def _routes(self, routes: pa.Table, rows: np.ndarray) -> None:
         for name in ("req_id", "token_idx", "layer", "topk_ids", "topk_weights"):
@@ -156,6 +173,8 @@ class _Reader:
         slot = np.searchsorted(self.layers, layer)
         slot_ok = (slot < len(self.layers)) & (np.asarray(self.layers)[np.minimum(slot, len(self.layers) - 1)] == layer)
         ids = pc.list_flatten(routes["topk_ids"]).to_numpy().reshape(-1, self.top_k)
+        if self.inferred and ids.size and ids.max() >= self.num_experts:
+            self._grow(int(ids.max()) + 1)
         ok = slot_ok & (ids >= 0).all(1) & (ids < self.num_experts).all(1)
         if not ok.all():
             bad = rows[np.flatnonzero(~ok)[0]]
@@ -170,11 +189,18 @@ class _Reader:
         self.log.duplicates += int((~fresh).sum())
         phase = self._phases(names, row_req, token_idx, routes["cached"])
         slot, phase, ids, weights = slot[fresh], phase[fresh], ids[fresh], weights[fresh]
+        self.agg.add(slot, ids, weights)
         cell = (slot * len(PHASES) + phase)[:, None] * self.num_experts + ids
         size = self.count.size
         self.count += np.bincount(cell.ravel(), minlength=size).reshape(self.count.shape)
         self.weight += np.bincount(cell.ravel(), np.nan_to_num(weights).ravel(), size).reshape(self.weight.shape)
         self.tokens += np.bincount(slot * len(PHASES) + phase, minlength=self.tokens.size).reshape(self.tokens.shape)
+
+    def _grow(self, num_experts: int) -> None:
+        extra = ((0, 0), (0, 0), (0, num_experts - self.num_experts))
+        self.count, self.weight = np.pad(self.count, extra), np.pad(self.weight, extra)
+        self.agg.grow(num_experts)
+        self.num_experts = num_experts
 
     def _first_sightings(self, names, row_req, sample, token_idx, layer) -> np.ndarray:
         """True for (req_id, sample, token_idx, layer) keys not seen before (64-bit hashes)."""
@@ -215,6 +241,17 @@ class _Reader:
 
     def result(self, tail: bytes) -> RouteLog:
         log = self.log
+        if self.inferred:
+            log.meta = {**log.meta, "num_experts": self.num_experts}
+            log.notes.append(f"the header has no num_experts: {self.num_experts} inferred from the "
+                             "largest expert id in the log (experts above it were never chosen)")
+        log.meta.setdefault("model_id", "unnamed model")
+        if log.unknown_types:
+            log.notes.append("records of unknown types ignored: " + ", ".join(
+                f"{kind} ({n})" for kind, n in sorted(log.unknown_types.items())))
+        self.agg.finish()
+        frames = self.agg.frames()
+        log.pairs, log.confidence, log.windows = frames["pairs"], frames["confidence"], frames["windows"]
         log.requests = len(self.prompt_len)
         log.truncated_tail = tail
         if tail:

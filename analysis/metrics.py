@@ -101,3 +101,69 @@ def analysis_note(log: RouteLog, layer: int) -> str:
         f"{s['generated']['entropy_norm']:.3f}.",
         f"- {interpretation(s)}",
     ])
+
+
+def coactivation(log: RouteLog, layer: int) -> np.ndarray:
+    """[experts, experts] lift: how often each pair was chosen for the same token, over
+    what independent choices with the same loads would give, scaled so that both count
+    the same number of pairs (each token's top-k makes k(k-1)/2 pairs). 1: as expected;
+    NaN where either expert was never chosen; symmetric, NaN on the diagonal."""
+    e = log.meta["num_experts"]
+    rows = log.pairs[log.pairs["layer"] == layer]
+    counts = np.zeros((e, e))
+    counts[rows["a"], rows["b"]] = rows["count"]
+    chosen = log.loads[log.loads["layer"] == layer].groupby("expert")["count"].sum().reindex(range(e), fill_value=0)
+    p = chosen.to_numpy(dtype=float)
+    independent = np.triu(np.outer(p, p), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lift = counts / (independent * counts.sum() / independent.sum())
+    lift = np.triu(lift, 1) + np.triu(lift, 1).T
+    lift[np.outer(p, p) == 0] = np.nan
+    np.fill_diagonal(lift, np.nan)
+    return lift
+
+
+def top_pairs(log: RouteLog, layer: int, top: int = 10, min_count: int = 10) -> list[dict]:
+    """The pairs with the highest lift among those chosen together at least ``min_count``
+    times: [{"experts": [a, b], "count": n, "lift": x}]."""
+    rows = log.pairs[(log.pairs["layer"] == layer) & (log.pairs["count"] >= min_count)]
+    if rows.empty:
+        return []
+    lift = coactivation(log, layer)[rows["a"], rows["b"]]
+    rows = rows.assign(lift=lift).sort_values(["lift", "count"], ascending=False, kind="stable").head(top)
+    return [{"experts": [int(a), int(b)], "count": int(n), "lift": round(float(x), 3)}
+            for a, b, n, x in rows[["a", "b", "count", "lift"]].itertuples(index=False)]
+
+
+def confidence_stats(log: RouteLog, layer: int) -> dict:
+    """The top-1 gate weight and the top-k weight mass per token: mean and quartiles (from
+    50-bin histograms over [0, 1], so to 0.02); and each expert's mean weight when chosen."""
+    out = {}
+    for measure in ("top1_weight", "topk_mass"):
+        rows = log.confidence[(log.confidence["layer"] == layer) & (log.confidence["measure"] == measure)]
+        counts, lows = rows["count"].to_numpy(), rows["bin_low"].to_numpy()
+        total = counts.sum()
+        if not total:
+            out[measure] = {"tokens": 0}
+            continue
+        width = lows[1] - lows[0]
+        cumulative = np.cumsum(counts) / total
+        quantile = {q: float(lows[np.searchsorted(cumulative, q)] + width / 2) for q in (0.1, 0.5, 0.9)}
+        out[measure] = {"tokens": int(total), "mean": float((counts * (lows + width / 2)).sum() / total),
+                        "p10": quantile[0.1], "median": quantile[0.5], "p90": quantile[0.9]}
+    loads = log.loads[log.loads["layer"] == layer].groupby("expert")[["count", "weight"]].sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["mean_weight_when_chosen"] = [None if c == 0 else round(float(w / c), 4)
+                                          for c, w in loads.itertuples(index=False)]
+    return out
+
+
+def load_over_time(log: RouteLog, layer: int) -> dict:
+    """Max/mean expert load per window of tokens in the log's order (arrival order)."""
+    rows = log.windows[log.windows["layer"] == layer]
+    full = rows[rows["tokens"] == rows["tokens"].max()] if len(rows) else rows
+    values = full["max_over_mean"]
+    return {"window_tokens": int(rows["tokens"].max()) if len(rows) else 0, "windows": len(rows),
+            "max_over_mean": [round(float(v), 3) for v in rows["max_over_mean"]],
+            "median": float(values.median()) if len(values) else math.nan,
+            "worst": float(values.max()) if len(values) else math.nan}

@@ -8,7 +8,7 @@ import json
 import sys
 
 from analysis.logfile import read_for_cli
-from analysis.metrics import analysis_note, layer_stats
+from analysis.metrics import analysis_note, confidence_stats, layer_stats, load_over_time, top_pairs
 
 
 def report(log, layers: list[int], weighted: bool, cached: bool = True) -> dict:
@@ -22,6 +22,10 @@ def report(log, layers: list[int], weighted: bool, cached: bool = True) -> dict:
         "complete": log.end is not None and not log.truncated_tail,
         "notes": log.notes,
         "layers": [layer_stats(log, layer, weighted, cached) for layer in layers],
+        # Over every distinct record, cached ones included:
+        "coactivation": [{"layer": layer, "top_pairs": top_pairs(log, layer)} for layer in layers],
+        "confidence": [{"layer": layer, **confidence_stats(log, layer)} for layer in layers],
+        "load_over_time": [{"layer": layer, **load_over_time(log, layer)} for layer in layers],
     }
 
 
@@ -44,6 +48,16 @@ def format_text(rep: dict) -> str:
             p = s[phase]
             lines.append(f"  {phase:<10} {p['tokens']:>7} tokens  entropy_norm {p['entropy_norm']:.3f}  "
                          f"max/mean {p['max_over_mean']:.2f}  cv {p['cv']:.3f}")
+        pairs = next(c["top_pairs"] for c in rep["coactivation"] if c["layer"] == s["layer"])[:3]
+        lines.append("  co-chosen pairs    " + (", ".join(
+            f"{p['experts'][0]}+{p['experts'][1]} lift {p['lift']:.2f} ({p['count']})" for p in pairs) or "-"))
+        conf = next(c for c in rep["confidence"] if c["layer"] == s["layer"])
+        if conf["top1_weight"]["tokens"]:
+            lines.append(f"  top-1 weight       median {conf['top1_weight']['median']:.2f}   top-k mass median "
+                         f"{conf['topk_mass']['median']:.2f}")
+        over_time = next(c for c in rep["load_over_time"] if c["layer"] == s["layer"])
+        lines.append(f"  max/mean over time median {over_time['median']:.2f}, worst {over_time['worst']:.2f} "
+                     f"({over_time['windows']} windows of {over_time['window_tokens']} tokens)")
         shares = s["shares"]
         lines.append("  shares by expert")
         for start in range(0, len(shares), 10):

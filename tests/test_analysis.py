@@ -8,7 +8,8 @@ import pytest
 
 from analysis import plot, stats
 from analysis.logfile import LogFormatError, read_log
-from analysis.metrics import analysis_note, expert_shares, layer_stats
+from analysis.metrics import (analysis_note, coactivation, confidence_stats, expert_shares, layer_stats,
+                              load_over_time, top_pairs)
 
 
 def meta(num_experts=8, top_k=2, layers=(0,)):
@@ -104,7 +105,6 @@ def test_truncated_last_line_is_reported_not_fatal(tmp_path):
                                     '"topk_ids": [1], "topk_weights": [0.5]}'] + lines[3:], "line 4: expected top_k=2"),
         (lambda lines: lines[:3] + ['{"type": "route", "req_id": "a", "token_idx": 0, "layer": 3, '
                                     '"topk_ids": [1, 2], "topk_weights": [0.5, 0.5]}'] + lines[3:], "line 4: layer or expert"),
-        (lambda lines: lines[:3] + ['{"type": "weird"}'] + lines[3:], "line 4: unknown record type"),
     ],
 )
 def test_malformed_logs_name_the_line(tmp_path, corrupt, message):
@@ -163,3 +163,48 @@ def test_cached_positions_are_counted_or_left_out(tmp_path):
     assert log.gap_positions == 2 and any("2 positions" in n for n in log.notes)
     rep = stats.report(log, [0], weighted=False, cached=False)
     assert rep["layers"][0]["cached_included"] is False and rep["layers"][0]["tokens_cached"] == 4
+
+
+SEED_META = ('{"type":"meta","model_id":"Qwen/Qwen1.5-MoE-A2.7B-Chat","vllm_version":"0.26.0",'
+             '"torch_version":"2.11.0","device":"H200","seed":1234,"layers_logged":[0],"top_k":2}')
+
+
+def test_a_log_in_the_seed_schema_is_analysed(tmp_path, capsys):
+    """Exactly the required header and route record; then a numeric req_id, an extra
+    field and a record of an unknown type, which are read or ignored."""
+    path = tmp_path / "seed.jsonl"
+    path.write_text(SEED_META + "\n"
+                    '{"type":"route","req_id":"r1","token_idx":17,"layer":0,"topk_ids":[3,12],"topk_weights":[0.72,0.28]}\n')
+    log = read_log(path)
+    assert log.meta["num_experts"] == 13 and any("13 inferred" in n for n in log.notes)
+    assert layer_stats(log, 0)["tokens"] == 1 and log.end is None
+    with open(path, "a") as f:
+        f.write('{"type":"route","req_id":7,"token_idx":0,"layer":0,"topk_ids":[3,20],"topk_weights":[0.6,0.4],"x":1}\n'
+                '{"type":"heartbeat","at":5}\n'
+                '{"type":"route","req_id":"r1","token_idx":17,"layer":0,"topk_ids":[3,12],"topk_weights":[0.72,0.28]}\n')
+    log = read_log(path, chunk_bytes=120)
+    assert (log.records, log.duplicates, log.meta["num_experts"], log.unknown_types) == (3, 1, 21, {"heartbeat": 1})
+    assert stats.main([str(path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["layers"][0]["tokens"] == 2 and rep["layers"][0]["top3"][0] == {"expert": 3, "share": 0.5}
+
+
+def test_coactivation_confidence_and_load_over_time_have_known_answers(tmp_path):
+    """Tokens 0-3 choose experts (0, 1), tokens 4-7 alternate (0, 1) and (2, 3), tokens
+    8-9 choose (2, 3); weights (0.72, 0.28). Windows of 4 tokens."""
+    pick = [(0, 1)] * 4 + [(0, 1), (2, 3)] * 2 + [(2, 3)] * 2
+    routes = [("a", t, 0, ids, (0.72, 0.28)) for t, ids in enumerate(pick)]
+    log = read_log(write_log(tmp_path / "k.jsonl", meta(num_experts=4), {"a": 5}, routes), window=4)
+    # Loads 6, 6, 4, 4: independent pairs in proportion to 36 (0+1), 24 (x4), 16 (2+3),
+    # scaled to the 10 pairs there were: 36 / 148 * 10 expected for 0+1, 6 seen.
+    lift = coactivation(log, 0)
+    assert lift[0, 1] == lift[1, 0] == pytest.approx(6 / (360 / 148)) and lift[2, 3] == pytest.approx(4 / (160 / 148))
+    assert lift[0, 2] == 0 and np.isnan(lift[0, 0])
+    assert top_pairs(log, 0, min_count=1) == [{"experts": [2, 3], "count": 4, "lift": 3.7},
+                                              {"experts": [0, 1], "count": 6, "lift": 2.467}]
+    conf = confidence_stats(log, 0)
+    assert conf["top1_weight"]["median"] == pytest.approx(0.73) and conf["topk_mass"]["median"] == pytest.approx(0.99)
+    assert conf["mean_weight_when_chosen"] == pytest.approx([0.72, 0.28, 0.72, 0.28])
+    over_time = load_over_time(log, 0)
+    assert over_time["max_over_mean"] == [2.0, 1.0, 2.0] and (over_time["windows"], over_time["window_tokens"]) == (3, 4)
+    assert (over_time["median"], over_time["worst"]) == (1.5, 2.0)  # full windows only
