@@ -48,6 +48,7 @@ def route_log_meta(vllm_config, routers: dict[int, Any], layers: list[int], para
         "torch_version": torch.__version__,
         "device": _device_name(),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "load_format": str(vllm_config.load_config.load_format),
         "seed": model.seed,
         "layers_logged": layers,
         "moe_layers": sorted(routers),
