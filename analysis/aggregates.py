@@ -1,6 +1,6 @@
 """What the reader accumulates beyond expert load, chunk by chunk, in bounded memory:
 co-activation (pairs of experts chosen for the same token), gate confidence
-(histograms of the top-1 weight and of the top-k weight mass), and load over time
+(1,000-bin histograms of the top-1 weight and of the top-k weight mass), and load over time
 (max/mean expert load per window of tokens, in the log's order). Every distinct route
 record counts, cached ones included. Sizes: [layers, experts, experts] pair counts,
 [layers, BINS] histograms, one row per finished window."""
@@ -8,8 +8,8 @@ record counts, cached ones included. Sizes: [layers, experts, experts] pair coun
 import numpy as np
 import pandas as pd
 
-BINS = 50  # histogram bins over [0, 1]; larger values land in the last bin
-WINDOW = 4096  # tokens per load-over-time window
+BINS = 1000  # histogram bins over [0, 1] (quantiles to 0.001); larger values land in the last
+WINDOW = 1024  # tokens per load-over-time window
 
 
 class Aggregates:
@@ -33,19 +33,18 @@ class Aggregates:
         self.num_experts = num_experts
 
     def add(self, slot: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
-        """Distinct route records in log order: layer slot [n]; ids, weights [n, top_k]."""
-        for s in np.unique(slot):
-            mine = slot == s
-            self._add_layer(int(s), ids[mine], np.nan_to_num(weights[mine]))
-
-    def _add_layer(self, s: int, ids: np.ndarray, weights: np.ndarray) -> None:
-        e, k = self.num_experts, ids.shape[1]
+        """Distinct route records in log order: layer slot [n]; ids, weights [n, top_k].
+        One bincount per aggregate over all layers at once (cell = slot, then value)."""
+        e, layers, k = self.num_experts, len(self.layers), ids.shape[1]
         first, second = np.triu_indices(k, 1)
         a, b = np.minimum(ids[:, first], ids[:, second]), np.maximum(ids[:, first], ids[:, second])
-        self.pairs[s] += np.bincount((a * e + b).ravel(), minlength=e * e).reshape(e, e)
-        self.top1[s] += _histogram(weights.max(axis=1))
-        self.mass[s] += _histogram(weights.sum(axis=1))
-        self._add_windows(s, ids)
+        cells = ((slot[:, None] * e + a) * e + b).ravel()
+        self.pairs += np.bincount(cells, minlength=layers * e * e).reshape(layers, e, e)
+        weights = np.nan_to_num(weights)
+        self.top1 += _histogram(slot, weights.max(axis=1), layers)
+        self.mass += _histogram(slot, weights.sum(axis=1), layers)
+        for s in np.unique(slot):
+            self._add_windows(int(s), ids[slot == s])
 
     def _add_windows(self, s: int, ids: np.ndarray) -> None:
         e, w = self.num_experts, self.window
@@ -86,5 +85,7 @@ class Aggregates:
         return {"pairs": pairs, "confidence": confidence, "windows": windows}
 
 
-def _histogram(values: np.ndarray) -> np.ndarray:
-    return np.bincount(np.clip((values * BINS).astype(np.int64), 0, BINS - 1), minlength=BINS)
+def _histogram(slot: np.ndarray, values: np.ndarray, layers: int) -> np.ndarray:
+    """[layers, BINS] counts of ``values`` per layer slot."""
+    bins = np.clip((values * BINS).astype(np.int64), 0, BINS - 1)
+    return np.bincount(slot * BINS + bins, minlength=layers * BINS).reshape(layers, BINS)

@@ -17,6 +17,12 @@ def short_name(model_id: str) -> str:
     return "/".join(Path(model_id).parts[-2:]) if local else model_id
 
 
+def model_title(meta: dict) -> str:
+    """The model as plots name it; says so when the weights were random (dummy)."""
+    name = short_name(meta.get("model_id", "unnamed model"))
+    return f"{name} (random (dummy) weights)" if meta.get("load_format") == "dummy" else name
+
+
 def expert_shares(loads: pd.DataFrame, layer: int, phases=None, weighted: bool = False) -> pd.Series:
     """Each expert's share of the layer's selections (or of its summed gate weight),
     every expert present, summing to 1; all NaN if nothing was routed."""
@@ -90,7 +96,7 @@ def analysis_note(log: RouteLog, layer: int) -> str:
     top3 = ", ".join(f"expert {t['expert']} ({t['share']:.1%})" for t in s["top3"])
     low = min(s["shares"])
     return "\n".join([
-        f"- Model {short_name(log.meta['model_id'])}, layer {layer}: {s['tokens']} routed tokens from "
+        f"- Model {model_title(log.meta)}, layer {layer}: {s['tokens']} routed tokens from "
         f"{log.requests} requests, top-{log.meta['top_k']} of {num_experts} experts.",
         f"- Top-3 experts by selections: {top3} (uniform share {1 / num_experts:.1%}).",
         f"- Distribution: shares range from {low:.1%} to {max(s['shares']):.1%}; "
@@ -136,8 +142,8 @@ def top_pairs(log: RouteLog, layer: int, top: int = 10, min_count: int = 10) -> 
 
 
 def confidence_stats(log: RouteLog, layer: int) -> dict:
-    """The top-1 gate weight and the top-k weight mass per token: mean and quartiles (from
-    50-bin histograms over [0, 1], so to 0.02); and each expert's mean weight when chosen."""
+    """The top-1 gate weight and the top-k weight mass per token: mean and deciles (from
+    1,000-bin histograms over [0, 1], so to 0.001); and each expert's mean weight when chosen."""
     out = {}
     for measure in ("top1_weight", "topk_mass"):
         rows = log.confidence[(log.confidence["layer"] == layer) & (log.confidence["measure"] == measure)]
@@ -148,8 +154,8 @@ def confidence_stats(log: RouteLog, layer: int) -> dict:
             continue
         width = lows[1] - lows[0]
         cumulative = np.cumsum(counts) / total
-        quantile = {q: float(lows[np.searchsorted(cumulative, q)] + width / 2) for q in (0.1, 0.5, 0.9)}
-        out[measure] = {"tokens": int(total), "mean": float((counts * (lows + width / 2)).sum() / total),
+        quantile = {q: round(float(lows[np.searchsorted(cumulative, q)] + width / 2), 4) for q in (0.1, 0.5, 0.9)}
+        out[measure] = {"tokens": int(total), "mean": round(float((counts * (lows + width / 2)).sum() / total), 4),
                         "p10": quantile[0.1], "median": quantile[0.5], "p90": quantile[0.9]}
     loads = log.loads[log.loads["layer"] == layer].groupby("expert")[["count", "weight"]].sum()
     with np.errstate(divide="ignore", invalid="ignore"):

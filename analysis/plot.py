@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.logfile import read_for_cli
-from analysis.metrics import expert_shares, layer_stats, short_name
+from analysis.metrics import expert_shares, layer_stats, model_title
 
 
 def draw_histogram(shares, stats: dict, title: str, path: Path, weighted: bool, sort: bool) -> None:
@@ -73,7 +73,7 @@ def draw_heatmap(matrix: np.ndarray, layers: list[int], title: str, path: Path) 
 def write_plots(log, layer: int, out: Path, weighted: bool = False, sort: bool = False) -> list[Path]:
     """The histogram of one layer at ``out``; with several layers logged, also the
     layers x experts heatmap beside it (``<stem>_layers.png``)."""
-    model = short_name(log.meta["model_id"])
+    model = model_title(log.meta)
     stats = layer_stats(log, layer, weighted)
     title = (f"{model} - layer {layer}: {stats['tokens']} tokens, {log.requests} requests, "
              f"top-{log.meta['top_k']} of {log.meta['num_experts']}")

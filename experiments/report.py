@@ -1,29 +1,21 @@
-"""Analysis artifacts of an experiment folder: expert_hist.png (+ the per-layer heatmap
-when several layers were logged), stats.json and analysis_note.md, from moe_routes.jsonl.
+"""Analysis artifacts of an experiment folder, from its moe_routes.jsonl: what
+analysis.report writes (expert_hist.png and the other figures, stats.json,
+analysis_note.md, report.md), into the same folder.
 
     python -m experiments.report results/run [--layer N]
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from analysis.logfile import read_log
-from analysis.metrics import analysis_note
-from analysis.plot import write_plots
-from analysis.stats import report
+from analysis.report import write_report as write_analysis
 
 
 def write_report(folder: Path, layer: int | None = None) -> list[Path]:
     log = read_log(folder / "moe_routes.jsonl")
-    layers = log.meta["layers_logged"]
-    layer = layers[0] if layer is None else layer
-    written = write_plots(log, layer, folder / "expert_hist.png")
-    written.append(folder / "stats.json")
-    written[-1].write_text(json.dumps(report(log, layers, weighted=False), indent=1) + "\n")
-    written.append(folder / "analysis_note.md")
-    written[-1].write_text(analysis_note(log, layer) + "\n")
-    return written
+    layer = log.meta["layers_logged"][0] if layer is None else layer
+    return list(write_analysis(log, folder, layer).values())
 
 
 def main(argv=None) -> None:

@@ -2,11 +2,12 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from analysis import plot, stats
+from analysis import plot, report, stats
 from analysis.logfile import LogFormatError, read_log
 from analysis.metrics import (analysis_note, coactivation, confidence_stats, expert_shares, layer_stats,
                               load_over_time, top_pairs)
@@ -203,8 +204,26 @@ def test_coactivation_confidence_and_load_over_time_have_known_answers(tmp_path)
     assert top_pairs(log, 0, min_count=1) == [{"experts": [2, 3], "count": 4, "lift": 3.7},
                                               {"experts": [0, 1], "count": 6, "lift": 2.467}]
     conf = confidence_stats(log, 0)
-    assert conf["top1_weight"]["median"] == pytest.approx(0.73) and conf["topk_mass"]["median"] == pytest.approx(0.99)
+    assert conf["top1_weight"]["median"] == pytest.approx(0.7205) and conf["topk_mass"]["median"] == pytest.approx(0.9995)
     assert conf["mean_weight_when_chosen"] == pytest.approx([0.72, 0.28, 0.72, 0.28])
     over_time = load_over_time(log, 0)
     assert over_time["max_over_mean"] == [2.0, 1.0, 2.0] and (over_time["windows"], over_time["window_tokens"]) == (3, 4)
     assert (over_time["median"], over_time["worst"]) == (1.5, 2.0)  # full windows only
+
+
+def test_report_writes_every_figure_and_embeds_them(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    routes = [("r%d" % (t // 40), t % 40, layer, tuple(int(e) for e in rng.choice(16, 4, replace=False)), (0.4, 0.3, 0.2, 0.1))
+              for t in range(3000) for layer in (0, 5)]
+    header = meta(num_experts=16, top_k=4, layers=(0, 5)) | {"model_id": "org/tiny-moe", "load_format": "dummy"}
+    path = write_log(tmp_path / "r.jsonl", header, {f"r{i}": 20 for i in range(75)}, routes)
+    assert report.main([str(path), "-o", str(tmp_path / "out"), "--layer", "5", "--json"]) == 0
+    files = {name: Path(p) for name, p in json.loads(capsys.readouterr().out).items()}
+    assert set(files) == {"expert_hist", "expert_layers", "coactivation", "confidence", "load_over_time",
+                          "stats", "note", "report"}
+    text = files["report"].read_text()
+    assert text.startswith("# Routing report: org/tiny-moe (random (dummy) weights)") and "layer 5" in text
+    for name in ("expert_hist", "expert_layers", "coactivation", "confidence", "load_over_time"):
+        assert files[name].read_bytes()[:4] == b"\x89PNG" and f"]({files[name].name})" in text
+    stats_json = json.loads(files["stats"].read_text())
+    assert [c["layer"] for c in stats_json["coactivation"]] == [0, 5] and stats_json["load_over_time"][0]["windows"] == 3

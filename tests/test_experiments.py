@@ -68,5 +68,9 @@ def test_demo_end_to_end(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     stats = json.loads((out / "stats.json").read_text())
     assert stats["complete"] is True and stats["requests"] == 25
+    assert meta["load_format"] == "auto" and meta["block_store"]["on"] is True
+    report_md = (out / "report.md").read_text()
+    for figure in ("expert_hist.png", "coactivation.png", "confidence.png", "load_over_time.png"):
+        assert f"]({figure})" in report_md and (out / figure).read_bytes()[:4] == b"\x89PNG"
     note = (out / "analysis_note.md").read_text().strip().splitlines()
     assert 5 <= len(note) <= 8 and "Top-3 experts" in note[1]
