@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-SUMMED = ("steps", "route_records", "engine_waits", "engine_wait_s", "requests_not_logged")
+SUMMED = ("steps", "route_records", "engine_waits", "engine_wait_s", "requests_not_logged",
+          "cached_route_records")
 
 
 class MergeError(ValueError):
@@ -123,7 +124,7 @@ def _copy_body(shard: Path, dst, keep_requests: bool) -> tuple[dict | None, int]
             kind = _kind(line)
             if kind == "end":
                 end = json.loads(line)
-            elif kind == "route" or keep_requests:
+            elif kind in ("route", "gap") or keep_requests:  # a gap names its shard's layers
                 dst.write(line)
     return end, tail
 

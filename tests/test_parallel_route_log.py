@@ -56,5 +56,9 @@ def test_merged_shards_equal_the_oracle(pp2, models, tmp_path):
     assert meta["layers_logged"] == [0, 1, 2, 3] and "writer" not in meta["parallel"]
     assert meta["parallel"]["pipeline_parallel_size"] == 2
     assert len(requests["request"]) == end["requests"] == 7  # once, from stage 0
+    ends = {(r["req_id"], r.get("sample")): r for r in requests["request_end"]}
+    for out in pp2.result["outputs"]:  # token ids from stage 0's input ids
+        for s, generated in enumerate(out["samples"]):
+            assert ends[(out["id"], s if len(out["samples"]) > 1 else None)]["generated_token_ids"] == generated[:-1]
     assert end["route_records"] == sum(e["route_records"] for e in end["shards"].values())
     check_against_oracle(merged, models["top2"], layers=[0, 1, 2, 3])

@@ -153,3 +153,17 @@ def test_dense_layer_is_a_startup_error_and_nothing_is_written(top4):
     assert bad.returncode != 0
     assert "VLLM_LOG_MOE_LAYERS: layer(s) [1] are not MoE layers; valid MoE layers: 0,2-3" in bad.output
     assert not bad.log.exists()
+
+
+def test_token_ids_are_logged_once_per_request(top2):
+    """The prompt in each 'request' record, the generated tokens fed back (all but the
+    last) in its 'request_end', for every sample: what the caller got."""
+    on, _ = top2
+    _, _, requests, _ = read_log(on.log)
+    starts = {(r["req_id"], r.get("sample")): r for r in requests["request"]}
+    ends = {(r["req_id"], r.get("sample")): r for r in requests["request_end"]}
+    for out in on.result["outputs"]:
+        for s, generated in enumerate(out["samples"]):
+            key = (out["id"], s if len(out["samples"]) > 1 else None)
+            assert starts[key]["prompt_token_ids"] == out["prompt_token_ids"]
+            assert ends[key]["generated_token_ids"] == generated[:-1]

@@ -17,6 +17,7 @@ from conftest import wait_until
 from vllm.model_executor.layers.fused_moe import route_logger
 from vllm.model_executor.layers.fused_moe.route_log_config import RouteLogConfig, RouteLogError
 from vllm.model_executor.layers.fused_moe.route_log_render import render_rows, render_rows_plain
+from vllm.model_executor.layers.fused_moe.route_log_requests import sample_index
 from vllm.model_executor.layers.fused_moe.route_log_store import BlockRoutes
 
 
@@ -93,7 +94,7 @@ def new_request(name: str, prompt_len: int = 5, cached: int = 0):
                            prompt_embeds=None, num_computed_tokens=cached)
 
 
-def step(logger, new=(), finished=(), batch=(), value: int = 0, cached=None) -> None:
+def step(logger, new=(), finished=(), batch=(), value: int = 0, cached=None, input_ids=None) -> None:
     """One engine step: ``batch`` is [(request name, first position, rows)]; every row
     routes to experts (value, position) with weights (0.75, 0.25)."""
     logger.begin_step(SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached or cached_reqs(),
@@ -105,7 +106,7 @@ def step(logger, new=(), finished=(), batch=(), value: int = 0, cached=None) -> 
         logger.ids[start : start + rows, :, 1] = torch.arange(first, first + rows)[:, None] % 1000
         logger.weights[start : start + rows] = torch.tensor([0.75, 0.25])
     logger.end_forward([f"{n}-0123abcd" for n, _, _ in batch], starts,
-                       np.array([first for _, first, _ in batch], dtype=np.int32))
+                       np.array([first for _, first, _ in batch], dtype=np.int32), input_ids)
 
 
 def lines_of(path: Path) -> list[dict]:
@@ -128,7 +129,7 @@ def tail_is(path: Path, kind: str, count: int | None = None) -> bool:
     ("0_x-0123abcd", "0_x", None), ("3_0_x", "0_x", 3), ("3_0_xy", "0_x", None), ("2_7-0123abcdX", "7", None),
 ])
 def test_sample_index_of_parallel_sampling_children(engine_id, external, sample):
-    assert route_logger._sample_index(engine_id, external) == sample
+    assert sample_index(engine_id, external) == sample
 
 
 def test_writer_life_cycle(tmp_path):
@@ -309,10 +310,29 @@ def test_prefix_cache_hits_are_replayed_from_the_block_store(tmp_path):
     assert {(r["req_id"], r["token_idx"]) for r in routes.values() if r["req_id"] in "bc"} == \
         {("b", p) for p in range(10)} | {("c", p) for p in range(6)}
     (gap,) = [r for r in lines if r["type"] == "gap"]
-    assert (gap["req_id"], gap["first_token_idx"], gap["last_token_idx"]) == ("e", 0, 3)
+    assert (gap["req_id"], gap["first_token_idx"], gap["last_token_idx"], gap["layers"]) == ("e", 0, 3, LAYERS)
     assert not any(key[0] == "e" and key[1] < 4 for key in routes)
     ends = {r["req_id"]: r for r in lines if r["type"] == "request_end"}
     assert [ends[n]["cached_positions"] for n in "abcde"] == [0, 8, 4, 0, 4]
     end = lines[-1]
     assert end["cached_route_records"] == (8 + 4) * 3 and end["cached_positions_unknown"] == 4
     assert end["route_records"] == len(routes) and end["block_store_bytes"] >= 6 * 2 * 3 * 4 * 11
+
+
+def test_token_ids_come_once_per_request(tmp_path):
+    """Prompt ids in the 'request' record; the ids fed after the prompt (the model
+    runner's input ids of those rows) in 'request_end'."""
+    path = tmp_path / "log.jsonl"
+    logger = make_logger(path)
+    a = SimpleNamespace(**vars(new_request("a", 3)) | {"prompt_token_ids": [11, 12, 13]})
+    b = SimpleNamespace(**vars(new_request("b", 2)) | {"prompt_token_ids": [21, 22]})
+    step(logger, new=[a, b], batch=[("a", 0, 3), ("b", 0, 2)], input_ids=torch.tensor([11, 12, 13, 21, 22, -1]))
+    step(logger, batch=[("a", 3, 1), ("b", 2, 1)], input_ids=torch.tensor([14, 23, -1]))
+    step(logger, finished=["b"], batch=[("a", 4, 1)], input_ids=torch.tensor([15]))
+    step(logger, finished=["a"])
+    logger.close()
+    lines = lines_of(path)
+    starts = {r["req_id"]: r for r in lines if r["type"] == "request"}
+    ends = {r["req_id"]: r for r in lines if r["type"] == "request_end"}
+    assert starts["a"]["prompt_token_ids"] == [11, 12, 13] and starts["b"]["prompt_token_ids"] == [21, 22]
+    assert ends["a"]["generated_token_ids"] == [14, 15] and ends["b"]["generated_token_ids"] == [23]

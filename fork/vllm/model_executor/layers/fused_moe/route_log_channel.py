@@ -15,8 +15,9 @@ Positions in the data are counted since the start (monotonic) and wrap modulo
   header[NOT_LOGGED]    written by the engine: requests no caller sent (vLLM's warm-up)
 A step's region: int64 spans [n, 5] (slot, first position, first row, end row, first
 row to render: rows before it ran again after a preemption), then int32 ids and
-float32 weights, each [rows, layers, top_k], then an int64 trailer that the device
-copies a 1 into after the rows: the writer waits for it.
+float32 weights, each [rows, layers, top_k], int32 input token ids [rows] (when the
+model runner passes them), then an int64 trailer that the device copies a 1 into after
+the rows: the writer waits for it.
 """
 
 import fcntl
@@ -38,9 +39,9 @@ ALIGN = 64
 # Messages: <type u32, payload bytes u32> + payload.
 FRAME = struct.Struct("<II")
 REQUEST, REQUEST_END, STEP, NOT_LOGGED_ID, CLOSE, BLOCKS, CACHED = range(1, 8)
-REQUEST_HEAD = struct.Struct("<II")  # slot, prefix length; then prefix, then the line
+REQUEST_HEAD = struct.Struct("<III")  # slot, prefix length, prompt tokens; then prefix, int32 tokens, line
 REQUEST_END_HEAD = struct.Struct("<I")  # slot; then the line
-STEP_HEAD = struct.Struct("<QQQQ")  # data offset, end position, rows, spans
+STEP_HEAD = struct.Struct("<QQQQQ")  # data offset, end position, rows, spans, has token ids
 BLOCKS_HEAD = struct.Struct("<II")  # slot, first block index; then int32 block ids
 # CACHED: int64 [n, 3] (slot, first position, end position) served from the prefix
 # cache, resolved by the writer after the STEP that follows it.
@@ -54,14 +55,16 @@ WRITER_MAIN = (  # the writer's modules as a package of their own, without vllm'
 )
 
 
-def step_layout(rows: int, spans: int, num_layers: int, top_k: int) -> tuple[int, int, int, int]:
-    """Offsets of the ids, the weights and the trailer in a step's region, and its size."""
+def step_layout(rows: int, spans: int, num_layers: int, top_k: int) -> tuple[int, int, int, int, int]:
+    """Offsets of the ids, the weights, the token ids and the trailer in a step's
+    region, and its size."""
     ids_at = spans * SPAN * 8
     weights_at = ids_at + rows * num_layers * top_k * 4
-    trailer_at = weights_at + rows * num_layers * top_k * 4
+    tokens_at = weights_at + rows * num_layers * top_k * 4
+    trailer_at = tokens_at + rows * 4
     trailer_at += -trailer_at % 8
     size = trailer_at + 8
-    return ids_at, weights_at, trailer_at, size + -size % ALIGN
+    return ids_at, weights_at, tokens_at, trailer_at, size + -size % ALIGN
 
 
 class WriterGone(RuntimeError):

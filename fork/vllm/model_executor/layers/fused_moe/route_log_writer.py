@@ -65,6 +65,8 @@ class Writer:
         self.store = BlockRoutes(block_size, len(self.layers), self.top_k) if block_size else None
         self.gap_reason = args.get("gap_reason")  # why cached positions cannot be replayed
         self.pending: list[np.ndarray] = []  # CACHED spans [n, 3] awaiting the next STEP
+        self.prompt_len: dict[int, int] = {}  # slot -> prompt tokens
+        self.generated: dict[int, list[np.ndarray]] = {}  # slot -> token ids fed after the prompt
         self.not_logged_ids: list[str] = []
         self.error: str | None = None
         self.provisional_at: int | None = None  # offset of a provisional 'end'
@@ -100,13 +102,21 @@ class Writer:
         if kind == STEP:
             self.step(*STEP_HEAD.unpack(payload))
         elif kind == REQUEST:
-            slot, size = REQUEST_HEAD.unpack_from(payload)
-            self.bind(slot, payload[REQUEST_HEAD.size : REQUEST_HEAD.size + size])
+            slot, size, tokens = REQUEST_HEAD.unpack_from(payload)
+            at = REQUEST_HEAD.size + size
+            self.bind(slot, payload[REQUEST_HEAD.size : at])
+            prompt = np.frombuffer(payload, np.int32, tokens, at)
+            self.prompt_len[slot], self.generated[slot] = tokens, []
             self.stats["requests"] += 1
-            self.write(payload[REQUEST_HEAD.size + size :])
+            self.write(_with_field(payload[at + 4 * tokens :], "prompt_token_ids", prompt))
         elif kind == REQUEST_END:
+            (slot,) = REQUEST_END_HEAD.unpack_from(payload)
+            line = payload[REQUEST_END_HEAD.size :]
+            generated = self.generated.pop(slot, None)
+            if generated:
+                line = _with_field(line, "generated_token_ids", np.concatenate(generated))
             self.stats["requests_ended"] += 1
-            self.write(payload[REQUEST_END_HEAD.size :])
+            self.write(line)
         elif kind == BLOCKS:
             slot, first = BLOCKS_HEAD.unpack_from(payload)
             if self.store is not None:
@@ -127,9 +137,9 @@ class Writer:
         self.prefix[slot, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
         self.prefix_len[slot] = len(prefix)
 
-    def step(self, offset: int, end: int, rows: int, num_spans: int) -> None:
+    def step(self, offset: int, end: int, rows: int, num_spans: int, has_tokens: int) -> None:
         num_layers = len(self.layers)
-        ids_at, weights_at, trailer_at, _ = step_layout(rows, num_spans, num_layers, self.top_k)
+        ids_at, weights_at, tokens_at, trailer_at, _ = step_layout(rows, num_spans, num_layers, self.top_k)
         if not self.wait_for_device(offset + trailer_at):
             return
         spans = self.ring.array(offset, np.int64, num_spans * SPAN).reshape(-1, SPAN)
@@ -147,6 +157,8 @@ class Writer:
             self.replay_cached()
             shown = row >= render_from[owner]
             owner, row, positions = owner[shown], row[shown], positions[shown]
+            if has_tokens:
+                self.keep_generated(slots, owner, positions, self.ring.array(offset + tokens_at, np.int32, rows)[row])
             width = int(self.prefix_len[slots].max())
             self.render(all_ids, all_weights, row, self.prefix[slots, :width][owner], positions)
         except Exception as e:  # a bug must not stop the ring: the engine would wait forever
@@ -154,6 +166,18 @@ class Writer:
         self.ring.release(end)
         self.stats["steps"] += 1
         self.stats["route_records"] += owner.size * num_layers
+
+    def keep_generated(self, slots, owner, positions, tokens) -> None:
+        """The token ids fed at positions after each request's prompt (its generated
+        tokens but the last), for its request_end record."""
+        prompt = np.array([self.prompt_len.get(s, 0) for s in slots.tolist()])[owner]
+        after = positions >= prompt
+        if not after.any():
+            return
+        owner, tokens = owner[after], tokens[after]
+        cuts = np.flatnonzero(np.diff(owner)) + 1
+        for group, part in zip(owner[np.r_[0, cuts]].tolist(), np.split(tokens, cuts)):
+            self.generated.setdefault(int(slots[group]), []).append(part)
 
     def render(self, ids, weights, rows, prefixes, positions) -> None:
         chunk = max(1, CHUNK_RECORDS // max(len(self.layers), 1))
@@ -179,7 +203,7 @@ class Writer:
                 self.stats["route_records"] += len(rows) * len(self.layers)
             for a, b in _runs(np.flatnonzero(~known)):
                 self.write(b'{"type":"gap",' + prefix + json.dumps(
-                    {"first_token_idx": start + a, "last_token_idx": start + b,
+                    {"first_token_idx": start + a, "last_token_idx": start + b, "layers": self.layers,
                      "reason": self.gap_reason or "routing of these cached positions is not "
                      "known: their KV blocks were not computed by this engine's forward"},
                     separators=(",", ":"))[1:].encode() + b"\n")
@@ -252,6 +276,11 @@ class Writer:
             print(f"ERROR {stamp} [route_log_writer.py] VLLM_LOG_MOE: writing {self.path} failed "
                   f"({self.error}); the route log stops here and generation goes on",
                   file=sys.stderr, flush=True)
+
+
+def _with_field(line: bytes, name: str, values: np.ndarray) -> bytes:
+    """The JSON record ``line`` ("...}\\n") with one more field, a list of integers."""
+    return line[:-2] + f',"{name}":[{",".join(map(str, values.tolist()))}]}}\n'.encode()
 
 
 def _runs(index: np.ndarray) -> list[tuple[int, int]]:

@@ -5,7 +5,7 @@ Call order in each worker process (every call is a no-op while the log is off):
   route_log_config.check_engine_config  front end, before the engine starts: settings
   attach(model, vllm_config)        model loaded, before torch.compile / graph capture
   begin_step(scheduler_output)      top of every execute_model: requests in and out
-  end_forward(req_ids, qsl, done)   after the forward of every real (non-dummy) step
+  end_forward(req_ids, qsl, done[, input_ids])  after the forward of every real (non-dummy) step
   the log closes at process exit (atexit and multiprocessing finalizers)
 
 CUDA-graph rule: the only work inside the forward is ``RouteLogger._capture``: two
@@ -17,12 +17,11 @@ the copy, renders the JSON and writes it, with its own GIL and core.
 """
 
 import atexit
+from array import array
 import fcntl
 import json
 import multiprocessing.util
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from itertools import repeat
 from typing import Any
@@ -56,6 +55,7 @@ from vllm.model_executor.layers.fused_moe.route_log_config import (
     WriterLayout,
 )
 from vllm.model_executor.layers.fused_moe.route_log_meta import block_store_settings, route_log_meta
+from vllm.model_executor.layers.fused_moe.route_log_requests import Slots, request_from, request_line
 from vllm.platforms import current_platform
 
 logger = init_logger(__name__)
@@ -113,93 +113,6 @@ def _ranges(values: list[int]) -> str:
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
-@dataclass
-class _Request:
-    """What the worker knows of one request; positions are absolute in the request."""
-
-    req_id: str  # the id the caller gets back
-    engine_req_id: str
-    sample: int | None  # index among the n samples of a parallel-sampling request
-    prompt_len: int
-    prompt_tokens_cached: int  # positions computed before its first forward
-
-    @property
-    def prefix(self) -> bytes:
-        sample = "" if self.sample is None else f'"sample":{self.sample},'
-        return f'"req_id":{json.dumps(self.req_id)},{sample}'.encode()
-
-
-def _prompt_len(new_req) -> int:
-    if new_req.prompt_token_ids is not None:
-        return len(new_req.prompt_token_ids)
-    return 0 if new_req.prompt_embeds is None else new_req.prompt_embeds.shape[0]
-
-
-def _request_from(new_req) -> _Request | None:
-    """None for requests no caller sent (vLLM's warm-up): only the front end sets
-    external_req_id."""
-    engine_id = new_req.req_id
-    external = getattr(new_req, "external_req_id", None)
-    if external is None:
-        return None
-    return _Request(
-        req_id=external,
-        engine_req_id=engine_id,
-        sample=_sample_index(engine_id, external),
-        prompt_len=_prompt_len(new_req),
-        prompt_tokens_cached=new_req.num_computed_tokens,
-    )
-
-
-_SUFFIX = re.compile(r"(-[0-9a-f]{8})?")
-
-
-def _sample_index(engine_id: str, external: str) -> int | None:
-    """i for the i-th child of a parallel-sampling request, "<i>_<caller id>[-<8 hex>]";
-    None for "<caller id>[-<8 hex>]". String operations, not a pattern per request."""
-    index, _, rest = engine_id.partition("_")
-    if index.isdigit() and rest.startswith(external) and _SUFFIX.fullmatch(rest[len(external):]):
-        return int(index)
-    return None
-
-
-class _Slots:
-    """The open requests, each in a slot: per-slot counters live in numpy arrays so
-    that a step's bookkeeping is a few vector operations, not a loop over requests."""
-
-    def __init__(self) -> None:
-        self.of: dict[str, int] = {}  # engine request id -> slot
-        self.requests: list[_Request | None] = []
-        self.next_pos = np.zeros(0, dtype=np.int64)  # every position below it is logged
-        self.routed = np.zeros(0, dtype=np.int64)
-        self.recomputed = np.zeros(0, dtype=np.int64)
-        self.cached = np.zeros(0, dtype=np.int64)  # positions the prefix cache served
-        self.blocks = np.zeros(0, dtype=np.int64)  # KV blocks the writer knows of
-        self.free: list[int] = []
-
-    def open(self, request: _Request) -> int:
-        if not self.free:
-            n = len(self.requests)
-            self.requests += [None] * max(n, 64)
-            for name in ("next_pos", "routed", "recomputed", "cached", "blocks"):
-                setattr(self, name, np.resize(getattr(self, name), len(self.requests)))
-            self.free = list(range(len(self.requests) - 1, n - 1, -1))
-        slot = self.free.pop()
-        self.of[request.engine_req_id] = slot
-        self.requests[slot] = request
-        self.next_pos[slot] = self.routed[slot] = self.recomputed[slot] = 0
-        self.cached[slot] = self.blocks[slot] = 0
-        return slot
-
-    def close(self, engine_id: str) -> tuple[int, _Request] | None:
-        slot = self.of.pop(engine_id, None)
-        if slot is None:
-            return None
-        request, self.requests[slot] = self.requests[slot], None
-        self.free.append(slot)
-        return slot, request
-
-
 class RouteLogger:
     """Owns the device buffers, the open requests and the channel to the writer
     process of one worker. Only the thread that runs the model calls it."""
@@ -214,11 +127,11 @@ class RouteLogger:
         self.ids = torch.zeros(max_rows, len(layers), top_k, dtype=torch.int32, device=device)
         self.weights = torch.zeros(max_rows, len(layers), top_k, dtype=torch.float32, device=device)
         self.one = torch.ones(1, dtype=torch.int64, device=device)  # the step's trailer
-        self.slots = _Slots()
+        self.slots = Slots()
         self.request_fields = request_fields  # extra fields of request records
         # {"block_size": ..., "gap_reason": ...}: None without prefix caching.
         self.block_store = block_store if layers else None
-        step_max = step_layout(max_rows, max_rows, len(layers), top_k)[3]
+        step_max = step_layout(max_rows, max_rows, len(layers), top_k)[-1]
         capacity = _buffer_bytes(config, step_max)
         meta = {**meta, "buffer_bytes": capacity}
         with open(path, "ab") as log:  # truncated only once the lock is held
@@ -269,14 +182,15 @@ class RouteLogger:
             for new_req in scheduler_output.scheduled_new_reqs:
                 if new_req.req_id in self.slots.of:
                     continue
-                request = _request_from(new_req)
+                request = request_from(new_req)
                 if request is None:
                     self.channel.count_not_logged(new_req.req_id)
                     continue
                 slot = self.slots.open(request)
                 prefix = request.prefix
-                self.channel.post(REQUEST, REQUEST_HEAD.pack(slot, len(prefix)) + prefix
-                                  + _request_line("request", request, **self.request_fields))
+                prompt = array("i", new_req.prompt_token_ids or ()).tobytes()
+                self.channel.post(REQUEST, REQUEST_HEAD.pack(slot, len(prefix), len(prompt) // 4) + prefix
+                                  + prompt + request_line("request", request, **self.request_fields))
                 if self.block_store is not None:
                     self._post_blocks(slot, new_req.block_ids, replace=True)
             if self.block_store is not None:
@@ -301,16 +215,17 @@ class RouteLogger:
         closed = self.slots.close(engine_id)
         if closed is not None:
             slot, request = closed
-            line = _request_line("request_end", request, finished=finished,
+            line = request_line("request_end", request, finished=finished,
                                  routed_positions=int(self.slots.routed[slot]),
                                  recomputed_positions=int(self.slots.recomputed[slot]),
                                  cached_positions=int(self.slots.cached[slot]),
                                  **self.request_fields)
             self.channel.post(REQUEST_END, REQUEST_END_HEAD.pack(slot) + line)
 
-    def end_forward(self, req_ids, query_start_loc, num_computed_tokens) -> None:
+    def end_forward(self, req_ids, query_start_loc, num_computed_tokens, input_ids=None) -> None:
         """After a real step's forward: which rows belong to which request and
-        position; hands the rows to the writer without waiting for the device."""
+        position; hands the rows (and ``input_ids``, the step's token ids [>= rows],
+        when given) to the writer without waiting for the device."""
         if self.stopped or not req_ids:
             return
         n = len(req_ids)
@@ -341,15 +256,15 @@ class RouteLogger:
                 hit = jump > 0
                 self.channel.post(CACHED, np.stack([slots, next_pos, pos], axis=1)[hit].tobytes())
             if len(spans):
-                self._send_step(spans, int(starts[n]))
+                self._send_step(spans, int(starts[n]), input_ids)
             else:
                 self.channel.flush()
 
-    def _send_step(self, spans: np.ndarray, num_rows: int) -> None:
+    def _send_step(self, spans: np.ndarray, num_rows: int, input_ids) -> None:
         """Copies this step's rows into the ring before the next forward reuses them:
         the copies are queued on the same stream, after this forward and before the
         next; the trailer lands after the rows and tells the writer they are there."""
-        ids_at, weights_at, trailer_at, size = step_layout(
+        ids_at, weights_at, tokens_at, trailer_at, size = step_layout(
             num_rows, len(spans), len(self.layers), self.top_k)
         offset, end = self.channel.reserve(size)
         at = HEADER + offset
@@ -360,8 +275,11 @@ class RouteLogger:
         ids.copy_(self.ids[:num_rows], non_blocking=True)
         weights = self.ring[at + weights_at : at + weights_at + ids.nbytes].view(torch.float32)
         weights.view(shape).copy_(self.weights[:num_rows], non_blocking=True)
+        if input_ids is not None:
+            tokens = self.ring[at + tokens_at : at + tokens_at + 4 * num_rows].view(torch.int32)
+            tokens.copy_(input_ids[:num_rows], non_blocking=True)
         self.ring[at + trailer_at : at + trailer_at + 8].view(torch.int64).copy_(self.one, non_blocking=True)
-        self.channel.post(STEP, STEP_HEAD.pack(offset, end, num_rows, len(spans)))
+        self.channel.post(STEP, STEP_HEAD.pack(offset, end, num_rows, len(spans), input_ids is not None))
         self.channel.flush()
 
     @contextmanager
@@ -384,17 +302,6 @@ def _buffer_bytes(config: RouteLogConfig, step_max: int) -> int:
             f"expected a whole number >= {need}"
         )
     return config.buffer_mb << 20
-
-
-def _request_line(kind: str, request: _Request, **extra) -> bytes:
-    record = {"type": kind, "req_id": request.req_id}
-    if request.sample is not None:
-        record["sample"] = request.sample
-    if kind == "request":
-        record.update(engine_req_id=request.engine_req_id, prompt_len=request.prompt_len,
-                      prompt_tokens_cached=request.prompt_tokens_cached)
-    record.update(extra)
-    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
 _ACTIVE: RouteLogger | None = None
@@ -443,6 +350,6 @@ def begin_step(scheduler_output) -> None:
         _ACTIVE.begin_step(scheduler_output)
 
 
-def end_forward(req_ids, query_start_loc, num_computed_tokens) -> None:
+def end_forward(req_ids, query_start_loc, num_computed_tokens, input_ids=None) -> None:
     if _ACTIVE is not None:
-        _ACTIVE.end_forward(req_ids, query_start_loc, num_computed_tokens)
+        _ACTIVE.end_forward(req_ids, query_start_loc, num_computed_tokens, input_ids)

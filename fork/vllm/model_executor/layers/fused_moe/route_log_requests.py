@@ -1,0 +1,107 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The worker's view of the requests it logs: who the caller is, which sample, and
+per-slot counters kept in numpy arrays so that a step's bookkeeping is vectorised."""
+
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Request:
+    """What the worker knows of one request; positions are absolute in the request."""
+
+    req_id: str  # the id the caller gets back
+    engine_req_id: str
+    sample: int | None  # index among the n samples of a parallel-sampling request
+    prompt_len: int
+    prompt_tokens_cached: int  # positions computed before its first forward
+
+    @property
+    def prefix(self) -> bytes:
+        sample = "" if self.sample is None else f'"sample":{self.sample},'
+        return f'"req_id":{json.dumps(self.req_id)},{sample}'.encode()
+
+
+def prompt_len_of(new_req) -> int:
+    if new_req.prompt_token_ids is not None:
+        return len(new_req.prompt_token_ids)
+    return 0 if new_req.prompt_embeds is None else new_req.prompt_embeds.shape[0]
+
+
+def request_from(new_req) -> Request | None:
+    """None for requests no caller sent (vLLM's warm-up): only the front end sets
+    external_req_id."""
+    engine_id = new_req.req_id
+    external = getattr(new_req, "external_req_id", None)
+    if external is None:
+        return None
+    return Request(
+        req_id=external,
+        engine_req_id=engine_id,
+        sample=sample_index(engine_id, external),
+        prompt_len=prompt_len_of(new_req),
+        prompt_tokens_cached=new_req.num_computed_tokens,
+    )
+
+
+_SUFFIX = re.compile(r"(-[0-9a-f]{8})?")
+
+
+def sample_index(engine_id: str, external: str) -> int | None:
+    """i for the i-th child of a parallel-sampling request, "<i>_<caller id>[-<8 hex>]";
+    None for "<caller id>[-<8 hex>]". String operations, not a pattern per request."""
+    index, _, rest = engine_id.partition("_")
+    if index.isdigit() and rest.startswith(external) and _SUFFIX.fullmatch(rest[len(external):]):
+        return int(index)
+    return None
+
+
+class Slots:
+    """The open requests, each in a slot: per-slot counters live in numpy arrays so
+    that a step's bookkeeping is a few vector operations, not a loop over requests."""
+
+    def __init__(self) -> None:
+        self.of: dict[str, int] = {}  # engine request id -> slot
+        self.requests: list[Request | None] = []
+        self.next_pos = np.zeros(0, dtype=np.int64)  # every position below it is logged
+        self.routed = np.zeros(0, dtype=np.int64)
+        self.recomputed = np.zeros(0, dtype=np.int64)
+        self.cached = np.zeros(0, dtype=np.int64)  # positions the prefix cache served
+        self.blocks = np.zeros(0, dtype=np.int64)  # KV blocks the writer knows of
+        self.free: list[int] = []
+
+    def open(self, request: Request) -> int:
+        if not self.free:
+            n = len(self.requests)
+            self.requests += [None] * max(n, 64)
+            for name in ("next_pos", "routed", "recomputed", "cached", "blocks"):
+                setattr(self, name, np.resize(getattr(self, name), len(self.requests)))
+            self.free = list(range(len(self.requests) - 1, n - 1, -1))
+        slot = self.free.pop()
+        self.of[request.engine_req_id] = slot
+        self.requests[slot] = request
+        self.next_pos[slot] = self.routed[slot] = self.recomputed[slot] = 0
+        self.cached[slot] = self.blocks[slot] = 0
+        return slot
+
+    def close(self, engine_id: str) -> tuple[int, Request] | None:
+        slot = self.of.pop(engine_id, None)
+        if slot is None:
+            return None
+        request, self.requests[slot] = self.requests[slot], None
+        self.free.append(slot)
+        return slot, request
+
+
+def request_line(kind: str, request: Request, **extra) -> bytes:
+    record = {"type": kind, "req_id": request.req_id}
+    if request.sample is not None:
+        record["sample"] = request.sample
+    if kind == "request":
+        record.update(engine_req_id=request.engine_req_id, prompt_len=request.prompt_len,
+                      prompt_tokens_cached=request.prompt_tokens_cached)
+    record.update(extra)
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
