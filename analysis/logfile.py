@@ -19,12 +19,14 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from analysis.aggregates import WINDOW, Aggregates
+from analysis.tokens import TokenCounts
 
 SCHEMA_VERSIONS = {1}
 # cached: prompt positions the prefix cache served, their routing replayed by the
 # writer ("cached": true); unknown: no 'request' record seen.
 PHASES = ("prompt", "generated", "unknown", "cached")
 CHUNK_BYTES = 64 << 20
+TOKEN_LAYERS = 4  # token specialisation: at most this many of the layers asked (dense counts)
 COLUMNS = pa.schema([
     ("type", pa.string()), ("req_id", pa.string()), ("sample", pa.int64()),
     ("token_idx", pa.int64()), ("layer", pa.int64()), ("topk_ids", pa.list_(pa.int64())),
@@ -52,7 +54,9 @@ class RouteLog:
     confidence: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer, measure, bin_low, count
     windows: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer, window, tokens, max_over_mean
     unknown_types: dict = field(default_factory=dict)  # record type -> lines ignored
-    gap_positions: int = 0  # positions a 'gap' record says have no routing
+    token_counts: pd.DataFrame | None = None  # layer, expert, token, count; None: no token ids
+    token_layers: list[int] = field(default_factory=list)  # the layers token_counts covers
+    gap_records: int = 0  # route records 'gap' records say are missing (positions x layers)
     truncated_tail: bytes = b""  # an unfinished last line, e.g. after a crash
     end: dict | None = None  # the closing record, absent if the engine did not shut down
     notes: list[str] = field(default_factory=list)
@@ -77,7 +81,7 @@ def read_for_cli(path: str, layers: list[int] | None) -> tuple[RouteLog, list[in
     """read_log for the command-line shells: a bad log or an unlogged layer becomes one
     line on stderr and exit status 2. Returns the log and the layers asked (default all)."""
     try:
-        log = read_log(path)
+        log = read_log(path, token_layers=(layers or [])[:TOKEN_LAYERS] or None)
     except (LogFormatError, OSError) as e:
         _exit_with(f"{path}: {e}")
     logged = log.meta["layers_logged"]
@@ -92,10 +96,12 @@ def _exit_with(message: str) -> None:
     sys.exit(2)
 
 
-def read_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: int = WINDOW) -> RouteLog:
+def read_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: int = WINDOW,
+             token_layers: list[int] | None = None) -> RouteLog:
+    """``token_layers``: layers whose token specialisation is counted (default: the first)."""
     with open(path, "rb") as f:
         meta = read_meta(f.readline())
-        reader = _Reader(meta, window)
+        reader = _Reader(meta, window, token_layers)
         tail = b""
         while block := f.read(chunk_bytes):
             block = tail + block
@@ -112,13 +118,14 @@ def _parse(block: bytes) -> pa.Table:
 
 
 class _Reader:
-    def __init__(self, meta: dict, window: int):
+    def __init__(self, meta: dict, window: int, token_layers: list[int] | None):
         self.meta = meta
         self.layers = list(meta["layers_logged"])
         self.inferred = "num_experts" not in meta
         self.num_experts = 0 if self.inferred else meta["num_experts"]
         self.top_k = meta["top_k"]
         self.agg = Aggregates(self.layers, self.num_experts, window)
+        self.token_counts = TokenCounts(self.layers, token_layers or self.layers[:1])
         shape = (len(self.layers), len(PHASES), self.num_experts)
         self.count = np.zeros(shape, np.int64)
         self.weight = np.zeros(shape, np.float64)
@@ -140,23 +147,30 @@ class _Reader:
         if table.num_rows != lines:
             raise self._locate_bad_line(block)
         kind = table["type"].to_numpy(zero_copy_only=False)
-        for row in np.flatnonzero(kind != "route"):
-            self._other(table.slice(row, 1).to_pylist()[0], block, row)
+        others = np.flatnonzero(kind != "route")
+        text = block.split(b"\n") if len(others) else []
+        for row in others[kind[others] != "request_end"]:
+            self._other(kind[row], text[row])
         routes = table.filter(pc.equal(table["type"], "route"))
         if routes.num_rows:
             self._routes(routes, np.flatnonzero(kind == "route"))
+        for row in others[kind[others] == "request_end"]:  # after the routes they close
+            self.token_counts.request_end(json.loads(text[row]))
         self.line += lines
 
-    def _other(self, record: dict, block: bytes, row: int) -> None:
-        kind = record["type"]
+    def _other(self, kind: str, line: bytes) -> None:
         if kind == "request":
-            self.prompt_len[record["req_id"]] = record["prompt_len"]
+            record = json.loads(line)
+            if "prompt_len" in record:
+                self.prompt_len[str(record["req_id"])] = record["prompt_len"]
+            self.token_counts.request(record)
         elif kind == "end":
-            self.log.end = json.loads(block.split(b"\n")[row])
+            self.log.end = json.loads(line)
         elif kind == "gap":
-            gap = json.loads(block.split(b"\n")[row])
-            self.log.gap_positions += gap["last_token_idx"] - gap["first_token_idx"] + 1
-        elif kind not in ("request_end", "meta"):
+            gap = json.loads(line)
+            layers = len(gap.get("layers", self.layers))
+            self.log.gap_records += (gap["last_token_idx"] - gap["first_token_idx"] + 1) * layers
+        elif kind != "meta":
             self.log.unknown_types[kind] = self.log.unknown_types.get(kind, 0) + 1
 
     def _routes(self, routes: pa.Table, rows: np.ndarray) -> None:
@@ -188,6 +202,10 @@ class _Reader:
         self.log.records += len(layer)
         self.log.duplicates += int((~fresh).sum())
         phase = self._phases(names, row_req, token_idx, routes["cached"])
+        if self.token_counts.prompts:
+            samples = routes["sample"].fill_null(0).to_numpy()
+            self.token_counts.routes(names.to_pylist(), samples[fresh], row_req[fresh], token_idx[fresh],
+                                     slot[fresh], ids[fresh])
         slot, phase, ids, weights = slot[fresh], phase[fresh], ids[fresh], weights[fresh]
         self.agg.add(slot, ids, weights)
         cell = (slot * len(PHASES) + phase)[:, None] * self.num_experts + ids
@@ -252,6 +270,9 @@ class _Reader:
         self.agg.finish()
         frames = self.agg.frames()
         log.pairs, log.confidence, log.windows = frames["pairs"], frames["confidence"], frames["windows"]
+        if self.token_counts.seen:
+            log.token_counts = self.token_counts.frame()
+            log.token_layers = self.token_counts.counted
         log.requests = len(self.prompt_len)
         log.truncated_tail = tail
         if tail:
@@ -270,9 +291,9 @@ class _Reader:
         if "writer" in log.meta.get("parallel", {}) and len(shards) > 1:
             log.notes.append(f"one shard of {len(shards)} ({', '.join(shards)}); "
                              "join them with python -m analysis.merge")
-        if log.gap_positions:
-            log.notes.append(f"{log.gap_positions} positions served from the prefix cache have no "
-                             "routing ('gap' records say which and why)")
+        if log.gap_records:
+            log.notes.append(f"{log.gap_records} route records of positions served from the prefix "
+                             "cache are missing ('gap' records say which and why)")
         if log.duplicates:
             log.notes.append(f"{log.duplicates} repeated route records were counted once")
         index = pd.MultiIndex.from_product([self.layers, PHASES, range(self.num_experts)],

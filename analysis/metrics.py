@@ -173,3 +173,30 @@ def load_over_time(log: RouteLog, layer: int) -> dict:
             "max_over_mean": [round(float(v), 3) for v in rows["max_over_mean"]],
             "median": float(values.median()) if len(values) else math.nan,
             "worst": float(values.max()) if len(values) else math.nan}
+
+
+def token_specialisation(log: RouteLog, layer: int, top: int = 5, min_count: int = 5,
+                         decode=None) -> list[dict] | None:
+    """Per expert, the tokens it saw most (``most_seen``) and those it saw most over
+    their frequency in the layer (``most_specific``: lift = the token's share of the
+    expert's selections / its share of all tokens; at least ``min_count`` times).
+    ``decode``: token id -> text, when a tokenizer is at hand. None without token ids."""
+    if log.token_counts is None:
+        return None
+    rows = log.token_counts[log.token_counts["layer"] == layer]
+    token_share = rows.groupby("token")["count"].sum() / rows["count"].sum()
+    per_expert = rows.groupby("expert")["count"].transform("sum")
+    rows = rows.assign(share=rows["count"] / per_expert, lift=rows["count"] / per_expert / rows["token"].map(token_share))
+
+    def entries(table):
+        return [{"token": int(t), **({"text": decode(int(t))} if decode else {}), "count": int(n),
+                 "share": round(float(sh), 4), "lift": round(float(li), 2)}
+                for t, n, sh, li in table[["token", "count", "share", "lift"]].itertuples(index=False)]
+
+    out = []
+    for expert, table in rows.groupby("expert", sort=True):
+        seen = table.sort_values(["count", "token"], ascending=[False, True], kind="stable").head(top)
+        specific = table[table["count"] >= min_count].sort_values(["lift", "count"], ascending=False, kind="stable")
+        out.append({"expert": int(expert), "selections": int(table["count"].sum()),
+                    "most_seen": entries(seen), "most_specific": entries(specific.head(top))})
+    return out

@@ -14,9 +14,10 @@ from analysis.logfile import read_for_cli
 from analysis.metrics import analysis_note, coactivation, expert_shares, model_title
 from analysis.plot import write_plots
 from analysis.stats import report
+from analysis.tokens import decoder
 
 
-def write_report(log, out: Path, layer: int, cached: bool = True) -> dict[str, Path]:
+def write_report(log, out: Path, layer: int, cached: bool = True, decode=None) -> dict[str, Path]:
     """The files written, by name."""
     out.mkdir(parents=True, exist_ok=True)
     title = model_title(log.meta)
@@ -30,7 +31,7 @@ def write_report(log, out: Path, layer: int, cached: bool = True) -> dict[str, P
                     files["confidence"])
     files["load_over_time"] = out / "load_over_time.png"
     draw_load_over_time(log.windows, f"{title}: expert load imbalance over time", files["load_over_time"])
-    stats = report(log, log.meta["layers_logged"], weighted=False, cached=cached)
+    stats = report(log, log.meta["layers_logged"], weighted=False, cached=cached, decode=decode)
     files["stats"] = out / "stats.json"
     files["stats"].write_text(json.dumps(stats, indent=1) + "\n")
     files["note"] = out / "analysis_note.md"
@@ -67,7 +68,32 @@ def markdown(log, stats: dict, layer: int, files: dict[str, Path]) -> str:
               f"Max/mean expert load per window of {over_time['window_tokens']} tokens: median "
               f"{over_time['median']:.2f}, worst {over_time['worst']:.2f} over {over_time['windows']} windows.", "",
               f"![load over time]({files['load_over_time'].name})", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + token_table(stats, layer))
+
+
+def token_table(stats: dict, layer: int, experts: int = 8) -> list[str]:
+    """The busiest experts' most specific tokens (lift over the token's frequency)."""
+    lines = ["## Token specialisation", ""]
+    if stats["token_specialisation"] is None:
+        return lines + ["This log holds no token ids (written before the fork logged them).", ""]
+    rows = next((t["experts"] for t in stats["token_specialisation"] if t["layer"] == layer), None)
+    if rows is None:
+        return lines + [f"Token ids were counted for layers {[t['layer'] for t in stats['token_specialisation']]} only.", ""]
+    busiest = sorted(rows, key=lambda r: -r["selections"])[:experts]
+    lines += [f"The {len(busiest)} busiest experts of layer {layer}: the tokens each sees most often "
+              "relative to their frequency (lift), seen at least 5 times.", "",
+              "| expert | selections | most specific tokens (lift) |", "| --- | --- | --- |"]
+    for r in busiest:
+        tokens = ", ".join(f"{_shown(t)} ({t['lift']:.1f})" for t in r["most_specific"]) or "-"
+        lines.append(f"| {r['expert']} | {r['selections']} | {tokens} |")
+    return lines + [""]
+
+
+def _shown(token: dict) -> str:
+    """The id, and the decoded text when there is some (a Markdown table cell)."""
+    text = token.get("text")
+    shown = f"`{token['token']}`" + (f" `{text!r}`" if text and text.strip() else "")
+    return shown.replace("|", "\\|")
 
 
 def main(argv=None) -> int:
@@ -77,10 +103,11 @@ def main(argv=None) -> int:
     parser.add_argument("--layer", type=int, help="logged layer of the figures (default: the first)")
     parser.add_argument("--no-cached", dest="cached", action="store_false",
                         help="statistics without the positions served from the prefix cache")
+    parser.add_argument("--tokenizer", help="decode token ids with this tokenizer (default: the logged model's)")
     parser.add_argument("--json", action="store_true", help="print the files written as JSON")
     args = parser.parse_args(argv)
     log, (layer, *_) = read_for_cli(args.log, None if args.layer is None else [args.layer])
-    files = write_report(log, args.output, layer, args.cached)
+    files = write_report(log, args.output, layer, args.cached, decoder(args.tokenizer, log.meta.get("model_id")))
     if args.json:
         print(json.dumps({name: str(path) for name, path in files.items()}))
     else:

@@ -8,10 +8,12 @@ import json
 import sys
 
 from analysis.logfile import read_for_cli
-from analysis.metrics import analysis_note, confidence_stats, layer_stats, load_over_time, top_pairs
+from analysis.metrics import (analysis_note, confidence_stats, layer_stats, load_over_time, token_specialisation,
+                              top_pairs)
+from analysis.tokens import decoder
 
 
-def report(log, layers: list[int], weighted: bool, cached: bool = True) -> dict:
+def report(log, layers: list[int], weighted: bool, cached: bool = True, decode=None) -> dict:
     return {
         "model_id": log.meta["model_id"],
         "num_experts": log.meta["num_experts"],
@@ -26,6 +28,11 @@ def report(log, layers: list[int], weighted: bool, cached: bool = True) -> dict:
         "coactivation": [{"layer": layer, "top_pairs": top_pairs(log, layer)} for layer in layers],
         "confidence": [{"layer": layer, **confidence_stats(log, layer)} for layer in layers],
         "load_over_time": [{"layer": layer, **load_over_time(log, layer)} for layer in layers],
+        # null when the log holds no token ids (written before they were logged)
+        # (for the first layer asked, or up to four with --layer; dense counts per layer)
+        "token_specialisation": None if log.token_counts is None else [
+            {"layer": layer, "experts": token_specialisation(log, layer, decode=decode)}
+            for layer in layers if layer in log.token_layers],
     }
 
 
@@ -74,6 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cached", dest="cached", action="store_false",
                         help="leave out prompt positions served from the prefix cache (expert work, "
                              "not the routing every token got)")
+    parser.add_argument("--tokenizer", help="decode token ids with this tokenizer (path or hub id; default: "
+                                             "the logged model's, when its files are here)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--note", action="store_true", help="only the README analysis note (first layer asked)")
     args = parser.parse_args(argv)
@@ -82,7 +91,7 @@ def main(argv=None) -> int:
         note = analysis_note(log, layers[0])
         print(json.dumps({"layer": layers[0], "note": note}) if args.json else note)
         return 0
-    rep = report(log, layers, args.weighted, args.cached)
+    rep = report(log, layers, args.weighted, args.cached, decoder(args.tokenizer, log.meta.get("model_id")))
     print(json.dumps(rep, indent=1) if args.json else format_text(rep))
     return 0
 

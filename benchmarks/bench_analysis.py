@@ -4,7 +4,8 @@
 
 The log is written with the fork's own renderer (route_log_render.render_rows), so its
 lines are byte-for-byte what the engine writes: 24 layers, top-4 of 60 experts, requests
-of 100 prompt + 128 generated positions, skewed expert popularity. The analysis runs in a
+of 100 prompt + 128 generated positions, skewed expert popularity, token ids once per
+request (Qwen's vocabulary size), so that token specialisation is counted too. The analysis runs in a
 fresh process whose peak RSS is read from the kernel (ru_maxrss), together with its wall time.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-LAYERS, EXPERTS, TOP_K, PROMPT, GENERATED = 24, 60, 4, 100, 128
+LAYERS, EXPERTS, TOP_K, PROMPT, GENERATED, VOCAB = 24, 60, 4, 100, 128, 151_936
 
 
 def generate(path: Path, records: int, seed: int = 0) -> int:
@@ -38,7 +39,8 @@ def generate(path: Path, records: int, seed: int = 0) -> int:
             names = [f"req-{r}" for r in range(first, min(first + batch, requests))]
             for name in names:
                 f.write(json.dumps({"type": "request", "req_id": name, "prompt_len": PROMPT,
-                                    "prompt_tokens_cached": 0}).encode() + b"\n")
+                                    "prompt_tokens_cached": 0,
+                                    "prompt_token_ids": rng.integers(0, VOCAB, PROMPT).tolist()}).encode() + b"\n")
             rows = len(names) * positions
             # Gumbel top-k: the k largest of log(popularity) + Gumbel noise are a draw
             # of k distinct experts without replacement, weighted by popularity.
@@ -49,6 +51,9 @@ def generate(path: Path, records: int, seed: int = 0) -> int:
             prefixes = np.array([[f'"req_id":"{n}",'.ljust(24).encode()] for n in names]).view(np.uint8)
             f.write(render_rows(ids, weights, np.repeat(prefixes, positions, axis=0),
                                 np.tile(np.arange(positions), len(names)), list(range(LAYERS))))
+            for name in names:  # the tokens fed after the prompt, as the fork logs them
+                f.write(json.dumps({"type": "request_end", "req_id": name, "finished": True,
+                                    "generated_token_ids": rng.integers(0, VOCAB, GENERATED).tolist()}).encode() + b"\n")
             written += rows * LAYERS
         f.write(json.dumps({"type": "end", "route_records": written}).encode() + b"\n")
     return written

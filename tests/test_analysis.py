@@ -10,7 +10,7 @@ import pytest
 from analysis import plot, report, stats
 from analysis.logfile import LogFormatError, read_log
 from analysis.metrics import (analysis_note, coactivation, confidence_stats, expert_shares, layer_stats,
-                              load_over_time, top_pairs)
+                              load_over_time, token_specialisation, top_pairs)
 
 
 def meta(num_experts=8, top_k=2, layers=(0,)):
@@ -161,7 +161,7 @@ def test_cached_positions_are_counted_or_left_out(tmp_path):
     assert (with_cached["tokens"], with_cached["tokens_computed"], with_cached["tokens_cached"]) == (10, 6, 4)
     assert with_cached["shares"] == [0.6, 0.4, 0, 0] and with_cached["prompt"]["tokens"] == 10
     assert (without["tokens"], without["shares"], without["prompt"]["tokens"]) == (6, [1, 0, 0, 0], 6)
-    assert log.gap_positions == 2 and any("2 positions" in n for n in log.notes)
+    assert log.gap_records == 2 and any("2 route records" in n for n in log.notes)
     rep = stats.report(log, [0], weighted=False, cached=False)
     assert rep["layers"][0]["cached_included"] is False and rep["layers"][0]["tokens_cached"] == 4
 
@@ -227,3 +227,33 @@ def test_report_writes_every_figure_and_embeds_them(tmp_path, capsys):
         assert files[name].read_bytes()[:4] == b"\x89PNG" and f"]({files[name].name})" in text
     stats_json = json.loads(files["stats"].read_text())
     assert [c["layer"] for c in stats_json["coactivation"]] == [0, 5] and stats_json["load_over_time"][0]["windows"] == 3
+
+
+def test_token_specialisation_joins_token_ids_given_once_per_request(tmp_path):
+    """a: prompt 100 101 102, fed after it 200 201; b (n=2): prompt 100 103, then 300 /
+    301. Each route record is joined with the token at its position, whether the
+    request's end comes in the same read chunk or a later one."""
+    def route(req, pos, expert, sample=None):
+        return {"type": "route", "req_id": req, **({} if sample is None else {"sample": sample}),
+                "token_idx": pos, "layer": 0, "topk_ids": [expert], "topk_weights": [1.0]}
+    lines = [meta(num_experts=4, top_k=1),
+             {"type": "request", "req_id": "a", "prompt_len": 3, "prompt_token_ids": [100, 101, 102]},
+             {"type": "request", "req_id": "b", "sample": 0, "prompt_len": 2, "prompt_token_ids": [100, 103]},
+             {"type": "request", "req_id": "b", "sample": 1, "prompt_len": 2, "prompt_token_ids": [100, 103]}]
+    lines += [route("a", p, e) for p, e in enumerate([0, 0, 1, 0, 2])]
+    lines += [route("b", p, e, 0) for p, e in enumerate([0, 3, 3])] + [route("b", p, e, 1) for p, e in enumerate([0, 3, 1])]
+    lines += [{"type": "request_end", "req_id": "a", "generated_token_ids": [200, 201]},
+              {"type": "request_end", "req_id": "b", "sample": 0, "generated_token_ids": [300]},
+              {"type": "request_end", "req_id": "b", "sample": 1, "generated_token_ids": [301]},
+              {"type": "end", "route_records": 11}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    for chunk in (1 << 20, 150):
+        log = read_log(path, chunk_bytes=chunk)
+        got = {(r.expert, r.token): r.count for r in log.token_counts.itertuples()}
+        assert got == {(0, 100): 3, (0, 101): 1, (0, 200): 1, (1, 102): 1, (1, 301): 1,
+                       (2, 201): 1, (3, 103): 2, (3, 300): 1}, chunk
+    experts = token_specialisation(log, 0, top=2, min_count=1, decode=lambda t: f"<{t}>")
+    assert experts[0]["most_seen"][0] == {"token": 100, "text": "<100>", "count": 3, "share": 0.6, "lift": 2.2}  # 0.6 / (3 / 11)
+    assert [t["token"] for t in experts[3]["most_specific"]] == [103, 300] and experts[3]["selections"] == 3
+    assert read_log(write_log(tmp_path / "none.jsonl", meta(), {"a": 2}, [])).token_counts is None
