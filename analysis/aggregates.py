@@ -37,8 +37,10 @@ class Aggregates:
         One bincount per aggregate over all layers at once (cell = slot, then value)."""
         e, layers, k = self.num_experts, len(self.layers), ids.shape[1]
         first, second = np.triu_indices(k, 1)
-        a, b = np.minimum(ids[:, first], ids[:, second]), np.maximum(ids[:, first], ids[:, second])
-        cells = ((slot[:, None] * e + a) * e + b).ravel()
+        narrow = ids.astype(np.int32)  # a third faster than int64 here; cells < 2**31
+        x, y = narrow[:, first], narrow[:, second]
+        low = np.minimum(x, y)
+        cells = ((slot.astype(np.int32)[:, None] * e + low) * e + (x + y - low)).ravel()  # (slot, low, high)
         self.pairs += np.bincount(cells, minlength=layers * e * e).reshape(layers, e, e)
         weights = np.nan_to_num(weights)
         self.top1 += _histogram(slot, weights.max(axis=1), layers)

@@ -136,7 +136,8 @@ class _Reader:
         self.log = RouteLog(meta, pd.DataFrame(), pd.DataFrame())
 
     def add(self, block: bytes) -> None:
-        lines = block.count(b"\n")
+        ends = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))  # each line's end
+        lines = len(ends)
         try:
             table = _parse(block)
         except (pa.ArrowInvalid, ValueError):
@@ -148,14 +149,14 @@ class _Reader:
             raise self._locate_bad_line(block)
         kind = table["type"].to_numpy(zero_copy_only=False)
         others = np.flatnonzero(kind != "route")
-        text = block.split(b"\n") if len(others) else []
+        starts = np.r_[0, ends[:-1] + 1]  # their lines, without splitting the whole chunk
         for row in others[kind[others] != "request_end"]:
-            self._other(kind[row], text[row])
+            self._other(kind[row], block[starts[row] : ends[row]])
         routes = table.filter(pc.equal(table["type"], "route"))
         if routes.num_rows:
             self._routes(routes, np.flatnonzero(kind == "route"))
         for row in others[kind[others] == "request_end"]:  # after the routes they close
-            self.token_counts.request_end(json.loads(text[row]))
+            self.token_counts.request_end(json.loads(block[starts[row] : ends[row]]))
         self.line += lines
 
     def _other(self, kind: str, line: bytes) -> None:
