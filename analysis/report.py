@@ -92,7 +92,7 @@ def token_table(stats: dict, layer: int, experts: int = 8) -> list[str]:
 def _shown(token: dict) -> str:
     """The id, and the decoded text when there is some (a Markdown table cell)."""
     text = token.get("text")
-    shown = f"`{token['token']}`" + (f" `{text!r}`" if text and text.strip() else "")
+    shown = f"`{token['token']}`" + (f" `{text!r}`" if text else "")
     return shown.replace("|", "\\|")
 
 

@@ -10,12 +10,14 @@ from pathlib import Path
 
 from analysis.logfile import read_log
 from analysis.report import write_report as write_analysis
+from analysis.tokens import decoder
 
 
 def write_report(folder: Path, layer: int | None = None) -> list[Path]:
     log = read_log(folder / "moe_routes.jsonl")
     layer = log.meta["layers_logged"][0] if layer is None else layer
-    return list(write_analysis(log, folder, layer).values())
+    decode = decoder(None, log.meta.get("model_id"))  # the model's own tokenizer, when it is here
+    return list(write_analysis(log, folder, layer, decode=decode).values())
 
 
 def main(argv=None) -> None:
