@@ -18,8 +18,9 @@ def short_name(model_id: str) -> str:
 
 
 def model_title(meta: dict) -> str:
-    """The model as plots name it; says so when the weights were random (dummy)."""
-    name = short_name(meta.get("model_id", "unnamed model"))
+    """The model as plots name it: the served name when one was given, else the model id
+    (a local path by its last two parts); says so when the weights were random (dummy)."""
+    name = short_name(meta.get("served_model_name") or meta.get("model_id", "unnamed model"))
     return f"{name} (random (dummy) weights)" if meta.get("load_format") == "dummy" else name
 
 

@@ -45,6 +45,7 @@ def child(args) -> dict:
             "CPU: bash scripts/setup.sh, GPU: VLLM_USE_PRECOMPILED=1 pip install -e vllm-fork (README)")
     t0 = time.perf_counter()
     llm = LLM(model=args.model, tokenizer=args.tokenizer, load_format=args.load_format, seed=args.seed,
+              served_model_name=args.served_model_name,
               max_model_len=args.max_model_len,
               gpu_memory_utilization=0.3 if on_cpu else 0.9, dtype=args.dtype)
     start = time.perf_counter() - t0
@@ -86,7 +87,7 @@ def run_once(args, questions_file: Path, out: Path, log: Path | None) -> dict:
            "--child-out", str(result_file), "--model", args.model, "--tokenizer", args.tokenizer,
            "--load-format", args.load_format, "--seed", str(args.seed), "--dtype", args.dtype,
            "--max-model-len", str(args.max_model_len), "--max-tokens", str(args.max_tokens),
-           "--device", args.device]
+           "--device", args.device] + (["--served-model-name", args.served_model_name] if args.served_model_name else [])
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
     result = json.loads(result_file.read_text())
     result_file.unlink()
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--tokenizer", help="default: the model's, or the local Qwen1.5-MoE one for --demo")
+    parser.add_argument("--served-model-name", help="the model's name in the log and plots (e.g. the hub id of "
+                                                    "local weights); default: --model")
     parser.add_argument("--load-format", default="auto", help="'dummy': the architecture with random weights")
     parser.add_argument("--layers", default="0", help="VLLM_LOG_MOE_LAYERS: 0, 0,12,23, 0-23 or all")
     parser.add_argument("--prompts", type=Path, help="prompts.txt from experiments.make_prompts")

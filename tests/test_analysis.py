@@ -10,7 +10,7 @@ import pytest
 from analysis import plot, report, stats
 from analysis.logfile import LogFormatError, read_log
 from analysis.metrics import (analysis_note, coactivation, confidence_stats, expert_shares, layer_stats,
-                              load_over_time, token_specialisation, top_pairs)
+                              load_over_time, model_title, token_specialisation, top_pairs)
 
 
 def meta(num_experts=8, top_k=2, layers=(0,)):
@@ -257,3 +257,11 @@ def test_token_specialisation_joins_token_ids_given_once_per_request(tmp_path):
     assert experts[0]["most_seen"][0] == {"token": 100, "text": "<100>", "count": 3, "share": 0.6, "lift": 2.2}  # 0.6 / (3 / 11)
     assert [t["token"] for t in experts[3]["most_specific"]] == [103, 300] and experts[3]["selections"] == 3
     assert read_log(write_log(tmp_path / "none.jsonl", meta(), {"a": 2}, [])).token_counts is None
+
+
+def test_titles_name_the_model_as_served_and_say_when_weights_were_random():
+    assert model_title({"model_id": "/tmp/kit/models/qwen", "served_model_name": "Qwen/Qwen1.5-MoE-A2.7B-Chat",
+                        "load_format": "dummy"}) == "Qwen/Qwen1.5-MoE-A2.7B-Chat (random (dummy) weights)"
+    assert model_title({"model_id": "/tmp/kit/models/qwen", "served_model_name": "/tmp/kit/models/qwen",
+                        "load_format": "auto"}) == "models/qwen"
+    assert model_title({"layers_logged": [0], "top_k": 2}) == "unnamed model"

@@ -44,6 +44,8 @@ def route_log_meta(vllm_config, routers: dict[int, Any], layers: list[int], para
         "type": "meta",
         "schema": SCHEMA_VERSION,
         "model_id": model.model,
+        # The name the server answers to (--served-model-name; vLLM's default: model_id).
+        "served_model_name": _first(model.served_model_name) or model.model,
         "vllm_version": vllm.__version__,
         "torch_version": torch.__version__,
         "device": _device_name(),
@@ -89,3 +91,7 @@ def _describe(block_store: dict | None, top_k: int) -> dict:
     return {"on": True, "block_size": block_store["block_size"],
             "bytes_per_position_and_layer": 6 * top_k,
             "bound": "one entry per KV-cache position the engine has used; freed with the writer"}
+
+
+def _first(name) -> str | None:
+    return name[0] if isinstance(name, list) and name else name
