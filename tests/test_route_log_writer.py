@@ -326,13 +326,18 @@ def test_token_ids_come_once_per_request(tmp_path):
     logger = make_logger(path)
     a = SimpleNamespace(**vars(new_request("a", 3)) | {"prompt_token_ids": [11, 12, 13]})
     b = SimpleNamespace(**vars(new_request("b", 2)) | {"prompt_token_ids": [21, 22]})
-    step(logger, new=[a, b], batch=[("a", 0, 3), ("b", 0, 2)], input_ids=torch.tensor([11, 12, 13, 21, 22, -1]))
-    step(logger, batch=[("a", 3, 1), ("b", 2, 1)], input_ids=torch.tensor([14, 23, -1]))
+    embeds = SimpleNamespace(**vars(new_request("e", 2)) | {"prompt_token_ids": None,
+                                                            "prompt_embeds": SimpleNamespace(shape=(2,))})
+    step(logger, new=[a, b, embeds], batch=[("a", 0, 3), ("b", 0, 2), ("e", 0, 2)],
+         input_ids=torch.tensor([11, 12, 13, 21, 22, 0, 0, -1]))
+    step(logger, batch=[("a", 3, 1), ("b", 2, 1), ("e", 2, 1)], input_ids=torch.tensor([14, 23, 31, -1]))
     step(logger, finished=["b"], batch=[("a", 4, 1)], input_ids=torch.tensor([15]))
-    step(logger, finished=["a"])
+    step(logger, finished=["a", "e"])
     logger.close()
     lines = lines_of(path)
     starts = {r["req_id"]: r for r in lines if r["type"] == "request"}
     ends = {r["req_id"]: r for r in lines if r["type"] == "request_end"}
     assert starts["a"]["prompt_token_ids"] == [11, 12, 13] and starts["b"]["prompt_token_ids"] == [21, 22]
     assert ends["a"]["generated_token_ids"] == [14, 15] and ends["b"]["generated_token_ids"] == [23]
+    # A prompt of embeddings: no ids, so where generation starts is not known to the writer.
+    assert starts["e"]["prompt_token_ids"] == [] and "generated_token_ids" not in ends["e"]

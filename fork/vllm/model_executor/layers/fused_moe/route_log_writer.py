@@ -65,7 +65,7 @@ class Writer:
         self.store = BlockRoutes(block_size, len(self.layers), self.top_k) if block_size else None
         self.gap_reason = args.get("gap_reason")  # why cached positions cannot be replayed
         self.pending: list[np.ndarray] = []  # CACHED spans [n, 3] awaiting the next STEP
-        self.prompt_len: dict[int, int] = {}  # slot -> prompt tokens
+        self.prompt_len: dict[int, int | None] = {}  # slot -> prompt tokens (None: not known)
         self.generated: dict[int, list[np.ndarray]] = {}  # slot -> token ids fed after the prompt
         self.not_logged_ids: list[str] = []
         self.error: str | None = None
@@ -106,13 +106,15 @@ class Writer:
             at = REQUEST_HEAD.size + size
             self.bind(slot, payload[REQUEST_HEAD.size : at])
             prompt = np.frombuffer(payload, np.int32, tokens, at)
-            self.prompt_len[slot], self.generated[slot] = tokens, []
+            # No ids (a prompt of embeddings): where the prompt ends is not known here.
+            self.prompt_len[slot] = tokens if tokens else None
             self.stats["requests"] += 1
             self.write(_with_field(payload[at + 4 * tokens :], "prompt_token_ids", prompt))
         elif kind == REQUEST_END:
             (slot,) = REQUEST_END_HEAD.unpack_from(payload)
             line = payload[REQUEST_END_HEAD.size :]
             generated = self.generated.pop(slot, None)
+            self.prompt_len.pop(slot, None)
             if generated:
                 line = _with_field(line, "generated_token_ids", np.concatenate(generated))
             self.stats["requests_ended"] += 1
@@ -170,7 +172,7 @@ class Writer:
     def keep_generated(self, slots, owner, positions, tokens) -> None:
         """The token ids fed at positions after each request's prompt (its generated
         tokens but the last), for its request_end record."""
-        prompt = np.array([self.prompt_len.get(s, 0) for s in slots.tolist()])[owner]
+        prompt = np.array([self.prompt_len.get(s) or 2**62 for s in slots.tolist()])[owner]
         after = positions >= prompt
         if not after.any():
             return
