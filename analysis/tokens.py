@@ -14,9 +14,9 @@ FLUSH = 1 << 20  # (row, expert, token) triples gathered before they are added i
 
 class TokenCounts:
     def __init__(self, layers: list[int], counted: list[int]):
-        self.layers = layers
         self.counted = [layer for layer in counted if layer in layers]
-        self.slots = {layers.index(layer): i for i, layer in enumerate(self.counted)}  # slot -> counted index
+        self.index = np.full(len(layers), -1, np.int64)  # [layer slot] -> counted index, -1: not counted
+        self.index[[layers.index(layer) for layer in self.counted]] = range(len(self.counted))
         self.table = np.zeros((len(counted), 0, 0), np.int32)  # [counted layer, expert, token]
         self.prompts: dict[tuple, np.ndarray] = {}  # (req_id, sample) -> prompt token ids
         self.waiting: dict[tuple, list] = {}  # (req_id, sample) -> [(slot, offset, ids)] after the prompt
@@ -43,7 +43,7 @@ class TokenCounts:
     def routes(self, names: list, samples: np.ndarray, row_req: np.ndarray, token_idx: np.ndarray,
                slot: np.ndarray, ids: np.ndarray) -> None:
         """Distinct route records of one chunk: request index per row into ``names``."""
-        mine = np.isin(slot, list(self.slots))
+        mine = self.index[slot] >= 0
         if not self.prompts or not mine.any():
             return
         samples, row_req, token_idx, slot, ids = samples[mine], row_req[mine], token_idx[mine], slot[mine], ids[mine]
@@ -64,8 +64,7 @@ class TokenCounts:
 
     def _count(self, slot: np.ndarray, ids: np.ndarray, tokens: np.ndarray) -> None:
         k = ids.shape[1]
-        index = np.fromiter((self.slots[s] for s in slot.tolist()), np.int64, len(slot))
-        self.pending.append((np.repeat(index, k), ids.ravel(), np.repeat(tokens, k)))
+        self.pending.append((np.repeat(self.index[slot], k), ids.ravel(), np.repeat(tokens, k)))
         self.pending_size += len(slot) * k
         if self.pending_size >= FLUSH:
             self.flush()

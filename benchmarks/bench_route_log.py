@@ -193,10 +193,7 @@ def main() -> None:
         p.add_argument("--mode", choices=list(MODES))
         p.add_argument("--modes", default=",".join(MODES), help="comma list of MODES to run")
         p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
-    p = sub.add_parser("report")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--write", help="replace the marked section of this Markdown file")
-    p.add_argument("--section", default="gpu", help="its marker: <!-- bench:SECTION:begin -->")
+    markdown_section.add_report_command(sub, "gpu")
     args = parser.parse_args()
     if args.command == "child":
         Path(args.out).write_text(json.dumps(child(args)))

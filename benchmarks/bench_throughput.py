@@ -279,10 +279,7 @@ def main() -> None:
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--first-round", type=int, default=0, help="rotation of the first round")
         p.add_argument("--time-hooks", action="store_true", help="time the logger's calls in the engine")
-    p = sub.add_parser("report")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--write", help="replace the marked section of this Markdown file")
-    p.add_argument("--section", default="throughput", help="its marker: <!-- bench:SECTION:begin -->")
+    markdown_section.add_report_command(sub, "throughput")
     args = parser.parse_args()
     if args.command == "child":
         Path(args.out).write_text(json.dumps(child(args)))

@@ -18,3 +18,11 @@ def report(files: list[str], table, write: str | None, section: str) -> None:
     print(text)
     if write:
         replace_section(write, section, text)
+
+
+def add_report_command(sub, section: str) -> None:
+    """The benchmarks' `report` subcommand: files, --write, --section (default ``section``)."""
+    p = sub.add_parser("report")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--write", help="replace the marked section of this Markdown file")
+    p.add_argument("--section", default=section, help="its marker: <!-- bench:SECTION:begin -->")

@@ -23,9 +23,9 @@ class BlockRoutes:
     def __init__(self, block_size: int, num_layers: int, top_k: int):
         self.block_size = block_size
         self.shape = (num_layers, top_k)
-        self.ids = np.full((0, *self.shape), UNKNOWN, np.int16)  # [block id * size + offset, L, k]
-        self.weights = np.zeros((0, *self.shape), np.float32)
-        self.tables = np.full((0, 0), -1, np.int64)  # [slot, block index] -> block id
+        self.ids = np.full((block_size * 64, *self.shape), UNKNOWN, np.int16)  # [block id * size + offset, L, k]
+        self.weights = np.zeros((block_size * 64, *self.shape), np.float32)
+        self.tables = np.full((64, 64), -1, np.int64)  # [slot, block index] -> block id
 
     @property
     def nbytes(self) -> int:
@@ -61,22 +61,20 @@ class BlockRoutes:
         index = self._index(np.full(len(positions), slot), positions)
         inside = (index >= 0) & (index < len(self.ids))
         safe = np.where(inside, index, 0)
-        ids = self.ids[safe] if len(self.ids) else np.full((len(positions), *self.shape), UNKNOWN, np.int16)
+        ids = self.ids[safe]
         known = inside & (ids[:, 0, 0] != UNKNOWN)
-        weights = self.weights[safe] if len(self.weights) else np.zeros(ids.shape, np.float32)
-        return ids.astype(np.int32), weights, known
+        return ids.astype(np.int32), self.weights[safe], known
 
     def _index(self, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
         block = positions // self.block_size
         rows, cols = self.tables.shape
         ok = (slots < rows) & (block < cols)
-        ids = np.where(ok, self.tables[np.minimum(slots, rows - 1), np.minimum(block, cols - 1)], -1) \
-            if rows and cols else np.full(len(positions), -1, np.int64)
+        ids = np.where(ok, self.tables[np.minimum(slots, rows - 1), np.minimum(block, cols - 1)], -1)
         return np.where(ids >= 0, ids * self.block_size + positions % self.block_size, -1)
 
     def _grow(self, need: int) -> None:
         # By a quarter: at most 25% unused, where doubling left up to half the store idle.
-        size = max(need, len(self.ids) * 5 // 4, self.block_size * 64)
+        size = max(need, len(self.ids) * 5 // 4)
         ids = np.full((size, *self.shape), UNKNOWN, np.int16)
         ids[: len(self.ids)] = self.ids
         weights = np.zeros((size, *self.shape), np.float32)

@@ -46,6 +46,7 @@ from .route_log_render import render_rows
 from .route_log_store import BlockRoutes
 
 CHUNK_RECORDS = 1 << 15  # rendered at a time: bounds the writer's own memory
+NO_PROMPT_IDS = 1 << 62  # prompt_len of a prompt given as embeddings: no position is "after" it
 
 
 class Writer:
@@ -59,13 +60,13 @@ class Writer:
         self.parent = os.getppid()
         self.prefix = np.full((64, 64), ord(" "), dtype=np.uint8)  # [slot, byte]
         self.prefix_len = np.zeros(64, dtype=np.int64)
+        self.prompt_len = np.zeros(64, dtype=np.int64)  # [slot]: tokens whose ids came with the request
         self.stats = {"steps": 0, "route_records": 0, "requests": 0, "requests_ended": 0,
                       "cached_route_records": 0, "cached_positions_unknown": 0}
         block_size = args.get("block_size")
         self.store = BlockRoutes(block_size, len(self.layers), self.top_k) if block_size else None
         self.gap_reason = args.get("gap_reason")  # why cached positions cannot be replayed
         self.pending: list[np.ndarray] = []  # CACHED spans [n, 3] awaiting the next STEP
-        self.prompt_len: dict[int, int | None] = {}  # slot -> prompt tokens (None: not known)
         self.generated: dict[int, list[np.ndarray]] = {}  # slot -> token ids fed after the prompt
         self.not_logged_ids: list[str] = []
         self.error: str | None = None
@@ -107,14 +108,13 @@ class Writer:
             self.bind(slot, payload[REQUEST_HEAD.size : at])
             prompt = np.frombuffer(payload, np.int32, tokens, at)
             # No ids (a prompt of embeddings): where the prompt ends is not known here.
-            self.prompt_len[slot] = tokens if tokens else None
+            self.prompt_len[slot] = tokens or NO_PROMPT_IDS
             self.stats["requests"] += 1
             self.write(_with_field(payload[at + 4 * tokens :], "prompt_token_ids", prompt))
         elif kind == REQUEST_END:
             (slot,) = REQUEST_END_HEAD.unpack_from(payload)
             line = payload[REQUEST_END_HEAD.size :]
             generated = self.generated.pop(slot, None)
-            self.prompt_len.pop(slot, None)
             if generated:
                 line = _with_field(line, "generated_token_ids", np.concatenate(generated))
             self.stats["requests_ended"] += 1
@@ -135,6 +135,7 @@ class Writer:
             grown[:rows, :width] = self.prefix
             self.prefix = grown
             self.prefix_len = np.resize(self.prefix_len, grown.shape[0])
+            self.prompt_len = np.resize(self.prompt_len, grown.shape[0])
         self.prefix[slot] = ord(" ")
         self.prefix[slot, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
         self.prefix_len[slot] = len(prefix)
@@ -172,8 +173,7 @@ class Writer:
     def keep_generated(self, slots, owner, positions, tokens) -> None:
         """The token ids fed at positions after each request's prompt (its generated
         tokens but the last), for its request_end record."""
-        prompt = np.array([self.prompt_len.get(s) or 2**62 for s in slots.tolist()])[owner]
-        after = positions >= prompt
+        after = positions >= self.prompt_len[slots][owner]
         if not after.any():
             return
         owner, tokens = owner[after], tokens[after]
@@ -195,7 +195,7 @@ class Writer:
         for slot, start, stop in (s for group in spans for s in group.tolist()):
             prefix = self.prefix[slot, : self.prefix_len[slot]].tobytes()
             known = np.zeros(stop - start, bool)
-            if self.store is not None and self.gap_reason is None:
+            if self.store is not None:
                 ids, weights, known = self.store.get(slot, start, stop)
                 rows = np.flatnonzero(known)
                 marked = np.frombuffer(prefix + b'"cached":true,', np.uint8)

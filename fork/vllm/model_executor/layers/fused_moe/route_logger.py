@@ -17,10 +17,10 @@ the copy, renders the JSON and writes it, with its own GIL and core.
 """
 
 import atexit
-from array import array
 import fcntl
 import json
 import multiprocessing.util
+from array import array
 from contextlib import contextmanager
 from functools import partial
 from itertools import repeat
