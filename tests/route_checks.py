@@ -38,6 +38,34 @@ def top2_spec(model) -> dict:
     return {"model": str(model), "engine": engine_kwargs(), "waves": [first, second]}
 
 
+def with_repeated_prompt(spec: dict) -> dict:
+    """The same 200-token prompt early and again in a last wave: the repeat's full KV
+    blocks that the first has computed come from the prefix cache, skipping the forward
+    (one 128-token block on the CPU, up to twelve 16-token blocks on a GPU). With it, a
+    parallel-sampling request (n=2) that shares its first 130 tokens and goes on
+    differently."""
+    (long_prompt,) = prompts(3, [200])
+    (other,) = prompts(4, [40])
+    sampled = {"temperature": 1.0, "n": 2, "max_tokens": 6, "ignore_eos": True, "detokenize": False}
+    spec["waves"][0].append({"id": "rep-a", "prompt_token_ids": long_prompt, "sampling": greedy(5)})
+    spec["waves"].append([{"id": "rep-b", "prompt_token_ids": long_prompt, "sampling": greedy(5)},
+                          {"id": "share", "prompt_token_ids": long_prompt[:130] + other, "sampling": sampled}])
+    return spec
+
+
+def check_token_ids(run) -> None:
+    """The prompt in each 'request' record, the generated tokens fed back (all but the
+    last) in its 'request_end', for every sample: what the caller got."""
+    _, _, requests, _ = read_log(run.log)
+    starts = {(r["req_id"], r.get("sample")): r for r in requests["request"]}
+    ends = {(r["req_id"], r.get("sample")): r for r in requests["request_end"]}
+    for out in run.result["outputs"]:
+        for s, generated in enumerate(out["samples"]):
+            key = (out["id"], s if len(out["samples"]) > 1 else None)
+            assert starts[key]["prompt_token_ids"] == out["prompt_token_ids"], key
+            assert ends[key]["generated_token_ids"] == generated[:-1], key
+
+
 def read_log(path) -> tuple[dict, list[dict], dict[str, list[dict]], dict]:
     """meta, routes, {"request": [...], "request_end": [...]}, end"""
     lines = [json.loads(line) for line in path.read_text().splitlines()]

@@ -11,18 +11,24 @@ import pytest
 import torch
 
 from conftest import engine_kwargs, run_engine
-from route_checks import check_against_oracle, read_log, report, top2_spec
+from route_checks import (
+    check_against_oracle, check_token_ids, read_log, report, top2_spec, with_repeated_prompt,
+)
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 ALL = {"VLLM_LOG_MOE_LAYERS": "all"}
-# fp32 on the GPU is not bit-exact with the CPU oracle (cuBLAS may use TF32 for the
-# gate GEMM): weights are held to 2e-3, and ids are compared where the oracle's k-th
-# and (k+1)-th probabilities are at least 2e-3 apart. The measured errors go to
-# $ROUTE_CHECK_REPORT and BENCHMARKS.md.
-GPU_WEIGHT_TOL = GPU_TIE_GAP = 2e-3
+# fp32 on the GPU is not bit-exact with the CPU oracle. Weights were within 4e-4 of it
+# while requests had <= 75 positions, and 9.2e-3 once requests of up to 204 positions
+# joined, the same in compiled, eager, V1 and V2 runs: vLLM's numerics, likely its
+# Triton attention (the fp32 backend), whose tl.dot multiplies fp32 in TF32 by default.
+# So weights are held to 2e-2 against the oracle, and ids compared where its k-th and
+# (k+1)-th probabilities are >= 2e-3 apart; two GPU runs are held to 2e-3 of each other
+# (measured: 1.3e-5). The measured errors go to $ROUTE_CHECK_REPORT and BENCHMARKS.md.
+GPU_WEIGHT_TOL = 2e-2
+GPU_TIE_GAP = RUNS_WEIGHT_TOL = 2e-3
 
 
 def gpu_spec(model, **engine):
@@ -49,7 +55,7 @@ def runs(models, tmp_path_factory):
 
     def start(name, env=None, **engine):
         log = {"VLLM_LOG_MOE": str(tmp / f"{name}.jsonl"), **ALL} if env is None else env
-        run = run_engine(tmp / name, gpu_spec(model, **engine), log)
+        run = run_engine(tmp / name, with_repeated_prompt(gpu_spec(model, **engine)), log)
         assert run.returncode == 0, run.output[-4000:]
         return run
 
@@ -68,7 +74,7 @@ def test_default_mode_is_compiled_with_cuda_graphs_on_v2(runs):
     meta, routes, _, end = read_log(runs["default"].log)
     # vLLM's V2 warm-up sends its own requests through execute_model: never logged.
     assert not [r for r in routes if r["req_id"].startswith("_")]
-    assert end["requests_not_logged"] >= 1 and end["requests"] == 7
+    assert end["requests_not_logged"] >= 1 and end["requests"] == 11
     assert meta["model_runner"] == "v2" and meta["enforce_eager"] is False
     assert meta["cudagraph_mode"] != "CUDAGraphMode.NONE"
     capture_meta, *_ = read_log(runs["capture"].log)
@@ -80,7 +86,28 @@ def test_every_record_matches_the_oracle(runs, models, name):
     counts = check_against_oracle(
         runs[name], models["top2"], [0, 1, 2, 3], GPU_WEIGHT_TOL, GPU_TIE_GAP, max_ties=0.05
     )
-    assert counts["compared"] > 900  # fewer if the second sample hit the prefix cache
+    assert counts["compared"] > 3000
+
+
+@pytest.mark.parametrize("name", ["default", "capture"])
+def test_prefix_cache_hits_are_replayed_under_cuda_graphs(runs, name):
+    """'rep-b' repeats 'rep-a''s prompt: its cached positions carry the records rep-a's
+    forward computed, bit for bit (V2 runner: default; V1: capture)."""
+    _, routes, requests, end = read_log(runs[name].log)
+    cached = {r["req_id"]: r["prompt_tokens_cached"] for r in requests["request"] if r["req_id"] == "rep-b"}
+    assert cached["rep-b"] >= 16, cached
+    computed = {(r["token_idx"], r["layer"]): r for r in routes if r["req_id"] == "rep-a"}
+    replayed = [r for r in routes if r["req_id"] == "rep-b" and r.get("cached")]
+    assert len(replayed) == 4 * cached["rep-b"]
+    for r in replayed:
+        original = computed[(r["token_idx"], r["layer"])]
+        assert (r["topk_ids"], r["topk_weights"]) == (original["topk_ids"], original["topk_weights"])
+    assert end["cached_route_records"] >= len(replayed) and end["cached_positions_unknown"] == 0
+
+
+@pytest.mark.parametrize("name", ["default", "capture"])
+def test_token_ids_are_logged_on_both_runners(runs, name):
+    check_token_ids(runs[name])
 
 
 def assert_same_greedy_routing(run_a, run_b, label: str) -> None:
@@ -101,7 +128,7 @@ def assert_same_greedy_routing(run_a, run_b, label: str) -> None:
     report(run_a, Counter(**{f"{label}_records": len(shared)}, id_differences=len(differ),
                           max_weight_difference=max(errors)))
     assert len(differ) <= 0.002 * len(shared), differ[:5]
-    assert max(errors) < GPU_WEIGHT_TOL
+    assert max(errors) < RUNS_WEIGHT_TOL
 
 
 def test_default_mode_equals_eager(runs):
@@ -124,7 +151,7 @@ def test_ids_equal_vllms_own_routed_expert_capture(runs):
                 record = logged[(out["id"], 0, pos, layer)]
                 assert sorted(record["topk_ids"]) == sorted(captured[pos][layer]), (out["id"], pos, layer)
                 compared += 1
-    assert compared == 740  # every position of the five greedy requests, 4 layers
+    assert compared == 2372  # every position of the seven greedy requests, 4 layers
 
 
 def test_logging_off_gives_stock_tokens(runs):

@@ -6,23 +6,11 @@ and several tests read its log."""
 import pytest
 
 from conftest import engine_kwargs, run_engine
-from route_checks import check_against_oracle, greedy, prompts, read_log, top2_spec
+from route_checks import (
+    check_against_oracle, check_token_ids, greedy, prompts, read_log, top2_spec, with_repeated_prompt,
+)
 
 pytestmark = pytest.mark.engine
-
-
-def with_repeated_prompt(spec: dict) -> dict:
-    """The same 200-token prompt early and again in a last wave: the repeat's first
-    128-token block comes from the prefix cache (CPU block size), skipping the forward.
-    With it, a parallel-sampling request (n=2) that shares that block and goes on
-    differently."""
-    (long_prompt,) = prompts(3, [200])
-    (other,) = prompts(4, [40])
-    sampled = {"temperature": 1.0, "n": 2, "max_tokens": 6, "ignore_eos": True, "detokenize": False}
-    spec["waves"][0].append({"id": "rep-a", "prompt_token_ids": long_prompt, "sampling": greedy(5)})
-    spec["waves"].append([{"id": "rep-b", "prompt_token_ids": long_prompt, "sampling": greedy(5)},
-                          {"id": "share", "prompt_token_ids": long_prompt[:130] + other, "sampling": sampled}])
-    return spec
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +144,5 @@ def test_dense_layer_is_a_startup_error_and_nothing_is_written(top4):
 
 
 def test_token_ids_are_logged_once_per_request(top2):
-    """The prompt in each 'request' record, the generated tokens fed back (all but the
-    last) in its 'request_end', for every sample: what the caller got."""
     on, _ = top2
-    _, _, requests, _ = read_log(on.log)
-    starts = {(r["req_id"], r.get("sample")): r for r in requests["request"]}
-    ends = {(r["req_id"], r.get("sample")): r for r in requests["request_end"]}
-    for out in on.result["outputs"]:
-        for s, generated in enumerate(out["samples"]):
-            key = (out["id"], s if len(out["samples"]) > 1 else None)
-            assert starts[key]["prompt_token_ids"] == out["prompt_token_ids"]
-            assert ends[key]["generated_token_ids"] == generated[:-1]
+    check_token_ids(on)
