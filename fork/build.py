@@ -5,51 +5,26 @@
     python fork/build.py --onto /tmp/site --version 0.26.0   # patch an installed vllm/
 
 The sdist is downloaded once into .cache/ (PyPI's simple API) and checked against the
-sha256 pinned in UPSTREAM below. Nothing here is committed to this repository.
+sha256 pinned in release.py. Nothing here is committed to this repository.
 """
 
 import argparse
-import hashlib
-import json
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
 from pathlib import Path
+
+import release
 
 ROOT = Path(__file__).resolve().parent.parent
 FORK = ROOT / "fork"
-UPSTREAM = {  # version -> sha256 of vllm-<version>.tar.gz on PyPI
-    "0.31.0": "dde46f1efbe846e5bd0c5c4ec6ec71842c42254c7ff3d9bebb2a57028715d380",
-    "0.26.0": "23e9fa19d7e20ce7dcc1c074d41503e2116d23f19e688f5d5ea91b741f958502",
-}
-INDEX = "https://pypi.org/simple/vllm/"
-
-
-def sdist(version: str) -> Path:
-    path = ROOT / ".cache" / f"vllm-{version}.tar.gz"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        request = urllib.request.Request(
-            INDEX, headers={"Accept": "application/vnd.pypi.simple.v1+json"}
-        )
-        files = json.load(urllib.request.urlopen(request, timeout=60))["files"]
-        url = next(f["url"] for f in files if f["filename"] == path.name)
-        print(f"downloading {url}", flush=True)
-        with urllib.request.urlopen(url, timeout=600) as r, open(f"{path}.part", "wb") as f:
-            shutil.copyfileobj(r, f)
-        Path(f"{path}.part").rename(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != UPSTREAM[version]:
-        sys.exit(f"{path}: sha256 {digest} is not the pinned {UPSTREAM[version]}")
-    return path
 
 
 def unpack(version: str, dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        with tarfile.open(sdist(version)) as tar:
+        with tarfile.open(release.sdist(version)) as tar:
             tar.extractall(tmp, filter="tar")
         if dest.exists():
             shutil.rmtree(dest)
@@ -70,7 +45,7 @@ def apply_delta(version: str, tree: Path, dry_run: bool = False) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--version", default="0.31.0", choices=sorted(UPSTREAM))
+    parser.add_argument("--version", default="0.31.0", choices=sorted(release.SDISTS))
     parser.add_argument("--dest", type=Path, default=ROOT / "vllm-fork")
     parser.add_argument("--onto", type=Path, help="patch this existing tree instead")
     args = parser.parse_args()
@@ -79,7 +54,10 @@ def main() -> None:
         print(f"patched {args.onto} with the route-logger delta for vLLM {args.version}")
         return
     dest = args.dest.resolve()
-    unpack(args.version, dest)
+    try:
+        unpack(args.version, dest)
+    except release.ReleaseError as e:
+        sys.exit(f"fork/build.py: {e}")
     apply_delta(args.version, dest)
     print(f"{dest}: vLLM {args.version} + route logger")
 

@@ -3,18 +3,27 @@
 import filecmp
 import importlib.util
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# By file, not via sys.path: fork/vllm/ would shadow the installed vllm package.
-_spec = importlib.util.spec_from_file_location("fork_build", ROOT / "fork" / "build.py")
-build = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(build)
 
 
-@pytest.mark.parametrize("version", sorted(build.UPSTREAM))
+def load(name: str, file: str):
+    """By file, not via sys.path: fork/vllm/ would shadow the installed vllm package."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "fork" / file)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+release = load("release", "release.py")  # build.py imports it by this name
+build = load("fork_build", "build.py")
+
+
+@pytest.mark.parametrize("version", sorted(release.SDISTS))
 def test_patch_applies_cleanly_to_its_release(version, tmp_path):
     tree = tmp_path / "vllm"
     build.unpack(version, tree)
