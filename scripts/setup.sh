@@ -65,7 +65,10 @@ with zipfile.ZipFile(sys.argv[1]) as whl:
             whl.extract(name, "vllm-fork")
 EOF
 fi
+# vllm-fork/ is a git tree (the release tagged, the fork one commit on): without the
+# pretend version setuptools-scm would call it 0.31.1.dev1.
 VLLM_TARGET_DEVICE=$device VLLM_USE_PRECOMPILED=1 VLLM_PRECOMPILED_WHEEL_LOCATION="$wheel" \
+  SETUPTOOLS_SCM_PRETEND_VERSION="$VLLM_VERSION" \
   $py -m pip install -q --no-build-isolation --no-deps -e vllm-fork
 if [ $device = cuda ]; then
   $py fork/release.py kernels "$wheel" --tree vllm-fork

@@ -3,6 +3,7 @@
 import filecmp
 import importlib.util
 import py_compile
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,9 @@ def load(name: str, file: str):
 
 
 release = load("release", "release.py")  # build.py and port.py import it by this name
+port = load("port", "port.py")  # tree.py imports it by this name
+tree = load("tree", "tree.py")  # and build.py this one
 build = load("fork_build", "build.py")
-port = load("fork_port", "port.py")
 
 
 @pytest.mark.parametrize("version", sorted(release.SDISTS))
@@ -54,6 +56,46 @@ def test_port_names_each_conflict_and_writes_nothing(tmp_path):
     assert sorted(conflicts) == ["vllm/envs.py", "vllm/v1/core/sched/output.py",
                                  "vllm/v1/worker/gpu/model_runner.py", "vllm/v1/worker/gpu_model_runner.py"]
     assert any("route_logger.begin_step(scheduler_output)" in h for h in conflicts["vllm/v1/worker/gpu/model_runner.py"])
+
+
+def git(tree_dir, *args) -> str:
+    return tree.git(tree_dir, *args)
+
+
+def test_build_makes_a_git_tree_and_export_writes_its_commits_back(tmp_path):
+    """The tag is the release as published, the branch adds the fork; a developer's
+    commit there comes back into fork/ (a module and a call site), and the delta
+    exported builds the same tree."""
+    work = tmp_path / "vllm-fork"
+    build.build("0.32.0", work)
+    assert git(work, "log", "--format=%s", "v0.32.0").splitlines() == ["vLLM 0.32.0: the release's sdist, as published"]
+    changed = git(work, "diff", "--name-status", "v0.32.0", "route-logger").splitlines()
+    ours = sorted(str(p.relative_to(ROOT / "fork")) for p in (ROOT / "fork" / "vllm").rglob("*.py"))
+    assert sorted(c.split("\t")[1] for c in changed if c.startswith("A")) == ours
+    assert sorted(c.split("\t")[1] for c in changed if c.startswith("M")) == sorted(
+        port.touched(ROOT / "fork" / "patches" / "v0.32.0.patch"))
+
+    module = work / "vllm/model_executor/layers/fused_moe/route_log_store.py"
+    call_site = work / "vllm/model_executor/layers/fused_moe/router/base_router.py"
+    module.write_text(module.read_text() + "# an edit to our module\n")
+    call_site.write_text(call_site.read_text().replace(
+        "        if self.route_log_fn is not None:", "        # an edit at a call site\n        if self.route_log_fn is not None:"))
+    fork = tmp_path / "fork"
+    shutil.copytree(ROOT / "fork", fork, ignore=shutil.ignore_patterns("__pycache__"))
+    with pytest.raises(RuntimeError, match="uncommitted changes"):
+        tree.export(work, fork)
+    git(work, "commit", "-qam", "an edit")
+    written = tree.export(work, fork)
+    assert sorted(written) == sorted([str(fork / p) for p in ours] + [str(fork / "patches" / "v0.32.0.patch")])
+    exported = fork / "vllm/model_executor/layers/fused_moe/route_log_store.py"
+    assert exported.read_text().endswith("# an edit to our module\n")
+    patch = (fork / "patches" / "v0.32.0.patch").read_text()
+    assert "+        # an edit at a call site\n" in patch
+    rebuilt = tmp_path / "rebuilt"
+    build.unpack("0.32.0", rebuilt)
+    subprocess.run(["patch", "-p1", "--batch", "--quiet", "-d", str(rebuilt), "-i", str(fork / "patches" / "v0.32.0.patch")],
+                   check=True)
+    assert (rebuilt / call_site.relative_to(work)).read_text() == call_site.read_text()
 
 
 def test_the_installed_vllm_is_this_fork():
