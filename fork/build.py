@@ -1,6 +1,6 @@
 """Turn the fork's delta into a vLLM source tree: pinned upstream sdist + our files + patch.
 
-    python fork/build.py                      # vLLM 0.31.0 -> vllm-fork/ (a git repository)
+    python fork/build.py                      # vLLM 0.32.0 -> vllm-fork/ (a git repository)
     python fork/build.py --version 0.33.0 --dest /tmp/vllm-0.33.0-fork
     python fork/build.py --onto /tmp/site --version 0.26.0   # patch an installed vllm/
     python fork/build.py --export [--dest vllm-fork]         # its commits back into fork/
@@ -50,7 +50,7 @@ def apply_delta(version: str, tree: Path, dry_run: bool = False) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--version", default="0.31.0", choices=sorted(release.SDISTS))
+    parser.add_argument("--version", default="0.32.0", choices=sorted(release.SDISTS))
     parser.add_argument("--dest", type=Path, default=ROOT / "vllm-fork")
     parser.add_argument("--onto", type=Path, help="patch this existing tree instead")
     parser.add_argument("--export", action="store_true", help="write --dest's commits back into fork/")

