@@ -5,7 +5,6 @@ de-duplication), whatever the log's size. The load table has one row per
 (layer, phase, expert): how often the expert was chosen and its summed gate weight.
 """
 
-import io
 import json
 import re
 import sys
@@ -31,7 +30,9 @@ COLUMNS = pa.schema([
     ("type", pa.string()), ("req_id", pa.string()), ("sample", pa.int64()),
     ("token_idx", pa.int64()), ("layer", pa.int64()), ("topk_ids", pa.list_(pa.int64())),
     ("topk_weights", pa.list_(pa.float64())), ("prompt_len", pa.int64()), ("cached", pa.bool_()),
+    ("prompt_token_ids", pa.list_(pa.int64())), ("generated_token_ids", pa.list_(pa.int64())),
 ])
+REQUEST_FIELDS = ["req_id", "sample", "prompt_len", "prompt_token_ids", "generated_token_ids"]
 # The minimal header; schema, num_experts and the rest are optional (num_experts is then
 # inferred from the largest expert id seen).
 META_FIELDS = ("layers_logged", "top_k")
@@ -103,18 +104,27 @@ def read_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: int = WIN
         meta = read_meta(f.readline())
         reader = _Reader(meta, window, token_layers)
         tail = b""
-        while block := f.read(chunk_bytes):
-            block = tail + block
+        while chunk := f.read(chunk_bytes):
+            block = tail + chunk if tail else chunk
             cut = block.rfind(b"\n") + 1
-            block, tail = block[:cut], block[cut:]
-            if block:
-                reader.add(block)
+            tail = block[cut:]
+            if cut:
+                reader.add(block, cut)
     return reader.result(tail)
 
 
-def _parse(block: bytes) -> pa.Table:
-    return pajson.read_json(io.BytesIO(block), parse_options=pajson.ParseOptions(
+def _parse(block: bytes, cut: int) -> pa.Table:
+    """The lines of ``block[:cut]``, read in place (a chunk is not copied)."""
+    return pajson.read_json(pa.BufferReader(pa.py_buffer(block).slice(0, cut)), parse_options=pajson.ParseOptions(
         explicit_schema=COLUMNS, unexpected_field_behavior="ignore"))
+
+
+def _records(table: pa.Table, rows: np.ndarray) -> list[dict]:
+    """'request' / 'request_end' rows as dicts of the fields they have."""
+    if not len(rows):
+        return []
+    picked = table.take(pa.array(rows)).select(REQUEST_FIELDS).to_pylist()
+    return [{k: v for k, v in record.items() if v is not None} for record in picked]
 
 
 class _Reader:
@@ -135,37 +145,42 @@ class _Reader:
         self.line = 1  # lines consumed so far
         self.log = RouteLog(meta, pd.DataFrame(), pd.DataFrame())
 
-    def add(self, block: bytes) -> None:
-        ends = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))  # each line's end
-        lines = len(ends)
+    def add(self, block: bytes, cut: int) -> None:
+        """The complete lines ``block[:cut]``."""
+        lines = block.count(b"\n", 0, cut)
         try:
-            table = _parse(block)
+            table = _parse(block, cut)
         except (pa.ArrowInvalid, ValueError):
             try:  # req_id written as a number: read it as its decimal string
-                table = _parse(NUMERIC_REQ_ID.sub(rb'"req_id":"\1"', block))
+                fixed = NUMERIC_REQ_ID.sub(rb'"req_id":"\1"', block[:cut])
+                table = _parse(fixed, len(fixed))
             except (pa.ArrowInvalid, ValueError):
-                raise self._locate_bad_line(block) from None
+                raise self._locate_bad_line(block[:cut]) from None
         if table.num_rows != lines:
-            raise self._locate_bad_line(block)
+            raise self._locate_bad_line(block[:cut])
         kind = table["type"].to_numpy(zero_copy_only=False)
         others = np.flatnonzero(kind != "route")
-        starts = np.r_[0, ends[:-1] + 1]  # their lines, without splitting the whole chunk
-        for row in others[kind[others] != "request_end"]:
-            self._other(kind[row], block[starts[row] : ends[row]])
-        routes = table.filter(pc.equal(table["type"], "route"))
-        if routes.num_rows:
-            self._routes(routes, np.flatnonzero(kind == "route"))
-        for row in others[kind[others] == "request_end"]:  # after the routes they close
-            self.token_counts.request_end(json.loads(block[starts[row] : ends[row]]))
-        self.line += lines
-
-    def _other(self, kind: str, line: bytes) -> None:
-        if kind == "request":
-            record = json.loads(line)
+        requests = others[kind[others] == "request"]
+        ended = others[kind[others] == "request_end"]
+        rare = others[(kind[others] != "request") & (kind[others] != "request_end")]
+        if len(rare):  # the end, gaps, unknown types: read as whole lines
+            ends = np.flatnonzero(np.frombuffer(block, np.uint8, cut) == ord("\n"))
+            starts = np.r_[0, ends[:-1] + 1]
+            for row in rare:
+                self._other(kind[row], block[starts[row] : ends[row]])
+        for record in _records(table, requests):
             if "prompt_len" in record:
                 self.prompt_len[str(record["req_id"])] = record["prompt_len"]
             self.token_counts.request(record)
-        elif kind == "end":
+        routes = table.filter(pc.equal(table["type"], "route"))
+        if routes.num_rows:
+            self._routes(routes, np.flatnonzero(kind == "route"))
+        for record in _records(table, ended):  # after the routes they close
+            self.token_counts.request_end(record)
+        self.line += lines
+
+    def _other(self, kind: str, line: bytes) -> None:
+        if kind == "end":
             self.log.end = json.loads(line)
         elif kind == "gap":
             gap = json.loads(line)
@@ -235,7 +250,8 @@ class _Reader:
             at = np.minimum(np.searchsorted(self.seen, ordered), len(self.seen) - 1)
             first &= self.seen[at] != ordered
         fresh_sorted = first
-        self.seen = np.sort(np.concatenate([self.seen, ordered[fresh_sorted]]), kind="stable")
+        new = ordered[fresh_sorted]  # sorted, and none of them in seen: merged in one pass
+        self.seen = np.insert(self.seen, np.searchsorted(self.seen, new), new)
         fresh = np.empty(len(key), bool)
         fresh[order] = fresh_sorted
         return fresh
