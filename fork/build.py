@@ -36,16 +36,13 @@ def unpack(version: str, dest: Path) -> None:
         (Path(tmp) / f"vllm-{version}").rename(dest)
 
 
-def apply_delta(version: str, tree: Path, dry_run: bool = False) -> None:
+def apply_delta(version: str, tree: Path) -> None:
     """Our new modules are copied in; the call sites come from one patch per base."""
     patch = FORK / "patches" / f"v{version}.patch"
-    cmd = ["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-d", str(tree)]
-    if dry_run:
-        cmd.append("--dry-run")
-    subprocess.run(cmd + ["-i", str(patch)], check=True)
-    if not dry_run:
-        for src in (FORK / "vllm").rglob("*.py"):
-            shutil.copy2(src, tree / src.relative_to(FORK))
+    subprocess.run(["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-d", str(tree),
+                    "-i", str(patch)], check=True)
+    for src in (FORK / "vllm").rglob("*.py"):
+        shutil.copy2(src, tree / src.relative_to(FORK))
 
 
 def main() -> None:
