@@ -42,7 +42,7 @@ def child(args) -> dict:
     if args.device != "auto" and (args.device == "cpu") != on_cpu:
         raise SystemExit(
             f"--device {args.device}: this vLLM is built for {'CPU' if on_cpu else current_platform.device_type}; "
-            "CPU: bash scripts/setup.sh, GPU: VLLM_USE_PRECOMPILED=1 pip install -e vllm-fork (README)")
+            "CPU: bash scripts/setup.sh, GPU: bash scripts/setup.sh --gpu (README)")
     t0 = time.perf_counter()
     llm = LLM(model=args.model, tokenizer=args.tokenizer, load_format=args.load_format, seed=args.seed,
               served_model_name=args.served_model_name,
