@@ -249,7 +249,7 @@ def table(results: list[dict]) -> str:
             f"{logs[0]['bytes'] * first['requests'] / (warmup(first) + len(first['wall_s']) * first['requests']) / 1e6:.0f}"
             if logged else "-",
         ]) + " |")
-    lines += ["", pooled(results, cell, rounds, modes)]
+    lines += ["", pooled(cell, rounds, modes)]
     timed = [r for r in results if r.get("hook_times", {}).get("end_forward", [0])[0]]
     if timed:
         lines += ["", "The route logger's time on the engine's thread (begin_step + end_forward), "
@@ -257,15 +257,15 @@ def table(results: list[dict]) -> str:
                       f"{r['mode']} round {r['round']}: {per_step_ms(r['hook_times']):.3f} ms "
                       f"(longest {max(t[2] for t in r['hook_times'].values()) * 1e3:.1f} ms; "
                       f"{step_share(r):.1%} of a mean step)" for r in timed) + "."]
-    cached = [r["log"]["end"].get("cached_route_records", 0) for r in results if r.get("log")]
     if first.get("prefix_caching"):
+        cached = [r["log"]["end"].get("cached_route_records", 0) for r in results if r.get("log")]
         lines += ["", f"Route records replayed from the prefix cache per logged process: {min(cached)}-{max(cached)}."]
     same = "yes" if len({r["output_digest"] for r in results}) == 1 else "NO"
     lines += ["", f"Same tokens in every mode and round: {same}."]
     return "\n".join(lines)
 
 
-def pooled(results: list[dict], cell: dict, rounds: list[int], modes: list[str]) -> str:
+def pooled(cell: dict, rounds: list[int], modes: list[str]) -> str:
     """Every timed generation of a mode, over the rounds that also ran 'off': one median."""
     both = {m: [n for n in rounds if (m, n) in cell and ("off", n) in cell] for m in modes if m != "off"}
 
