@@ -98,11 +98,20 @@ def test_front_end_accepts_good_settings_and_is_silent_when_off(models, tmp_path
     assert list(tmp_path.iterdir()) == []  # the file is created by the worker, not here
 
 
-def test_front_end_refuses_speculative_decoding(models, tmp_path, monkeypatch):
-    """Draft positions are routed before the sampler accepts or rejects them; rather
-    than log rejected drafts as tokens, the engine does not start."""
+def test_front_end_checks_speculative_decoding(models, tmp_path, monkeypatch):
+    """n-gram drafts on the CPU run with synchronous scheduling and Model Runner V1:
+    accepted. Where the runner would correct positions after the forward (async
+    scheduling) or not report the sampled tokens (V2), the engine does not start."""
+    from vllm.model_executor.layers.fused_moe.route_log_config import check_engine_config
+
     ngram = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
-    with pytest.raises(RouteLogError, match="VLLM_LOG_MOE does not support speculative decoding"):
-        engine_config(models["top2"], monkeypatch, {"speculative_config": ngram},
-                      VLLM_LOG_MOE=str(tmp_path / "r.jsonl"))
+    config = engine_config(models["top2"], monkeypatch, {"speculative_config": ngram},
+                           VLLM_LOG_MOE=str(tmp_path / "r.jsonl"))
+    config.scheduler_config.async_scheduling = True
+    with pytest.raises(RouteLogError, match="needs synchronous scheduling.*--no-async-scheduling"):
+        check_engine_config(config)
+    config.scheduler_config.async_scheduling = False
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(RouteLogError, match="Model Runner V1 only: set VLLM_USE_V2_MODEL_RUNNER=0"):
+        check_engine_config(config)
     assert list(tmp_path.iterdir()) == []

@@ -108,8 +108,8 @@ def check_engine_config(vllm_config) -> None:
             f"layers 0-{num_layers - 1}; accepted: {LAYERS_HELP}"
         )
     parallel = vllm_config.parallel_config
+    _check_speculative(vllm_config)
     unsupported = {
-        "speculative decoding": vllm_config.speculative_config is not None,
         "micro-batching (DBO)": getattr(parallel, "use_ubatching", False),
         # Each TP rank would route only its slice of the tokens; TP rank 0 writes.
         "sequence-parallel MoE (DP > 1 and TP > 1 with expert parallelism)": getattr(
@@ -121,6 +121,32 @@ def check_engine_config(vllm_config) -> None:
             raise RouteLogError(
                 f"{ENV_PATH} does not support {feature} yet; unset {ENV_PATH} or turn it off"
             )
+
+
+def _check_speculative(vllm_config) -> None:
+    """Draft rows are kept or cut once sampling says which drafts held: that needs
+    the runner's positions exact at the forward (synchronous scheduling), Model
+    Runner V1's call after sampling, and the sampler on the logging worker."""
+    spec = vllm_config.speculative_config
+    if spec is None:
+        return
+    if vllm_config.scheduler_config.async_scheduling:
+        raise RouteLogError(
+            f"{ENV_PATH} with speculative decoding ({spec.method}) needs synchronous "
+            "scheduling: with async scheduling the runner corrects rejected drafts' "
+            "positions after the forward; pass --no-async-scheduling "
+            f"(async_scheduling=False) or unset {ENV_PATH}"
+        )
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        raise RouteLogError(
+            f"{ENV_PATH} supports speculative decoding ({spec.method}) with Model Runner "
+            f"V1 only: set VLLM_USE_V2_MODEL_RUNNER=0 and --no-async-scheduling, or unset {ENV_PATH}"
+        )
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise RouteLogError(
+            f"{ENV_PATH} does not support speculative decoding with pipeline parallelism "
+            f"yet; unset {ENV_PATH} or turn one of them off"
+        )
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ per-slot counters kept in numpy arrays so that a step's bookkeeping is vectorise
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,8 @@ class Request:
     sample: int | None  # index among the n samples of a parallel-sampling request
     prompt_len: int
     prompt_tokens_cached: int  # positions computed before its first forward
+    max_len: int = 1 << 62  # prompt + max_tokens: the engine keeps no token beyond
+    stops: frozenset = frozenset()  # token ids that end it (EOS unless ignored, stop_token_ids)
 
     @property
     def prefix(self) -> bytes:
@@ -31,19 +34,28 @@ def prompt_len_of(new_req) -> int:
     return 0 if new_req.prompt_embeds is None else new_req.prompt_embeds.shape[0]
 
 
-def request_from(new_req) -> Request | None:
+def request_from(new_req, max_model_len: int = 1 << 62) -> Request | None:
     """None for requests no caller sent (vLLM's warm-up): only the front end sets
     external_req_id."""
     engine_id = new_req.req_id
     external = getattr(new_req, "external_req_id", None)
     if external is None:
         return None
+    prompt_len = prompt_len_of(new_req)
+    params = new_req.sampling_params
+    max_len, stops = max_model_len, frozenset()
+    if params is not None:
+        if params.max_tokens is not None:
+            max_len = min(max_len, prompt_len + params.max_tokens)
+        stops = frozenset(t for t in (params.eos_token_id, *(params.stop_token_ids or ())) if t is not None)
     return Request(
         req_id=external,
         engine_req_id=engine_id,
         sample=sample_index(engine_id, external),
-        prompt_len=prompt_len_of(new_req),
+        prompt_len=prompt_len,
         prompt_tokens_cached=new_req.num_computed_tokens,
+        max_len=max_len,
+        stops=stops,
     )
 
 
@@ -71,20 +83,22 @@ class Slots:
         self.recomputed = np.zeros(0, dtype=np.int64)
         self.cached = np.zeros(0, dtype=np.int64)  # positions the prefix cache served
         self.blocks = np.zeros(0, dtype=np.int64)  # KV blocks the writer knows of
+        self.accepted = np.zeros(0, dtype=np.int64)  # draft positions verification kept
+        self.rejected = np.zeros(0, dtype=np.int64)  # draft positions it threw away
         self.free: list[int] = []
 
     def open(self, request: Request) -> int:
         if not self.free:
             n = len(self.requests)
             self.requests += [None] * max(n, 64)
-            for name in ("next_pos", "routed", "recomputed", "cached", "blocks"):
+            for name in ("next_pos", "routed", "recomputed", "cached", "blocks", "accepted", "rejected"):
                 setattr(self, name, np.resize(getattr(self, name), len(self.requests)))
             self.free = list(range(len(self.requests) - 1, n - 1, -1))
         slot = self.free.pop()
         self.of[request.engine_req_id] = slot
         self.requests[slot] = request
         self.next_pos[slot] = self.routed[slot] = self.recomputed[slot] = 0
-        self.cached[slot] = self.blocks[slot] = 0
+        self.cached[slot] = self.blocks[slot] = self.accepted[slot] = self.rejected[slot] = 0
         return slot
 
     def close(self, engine_id: str) -> tuple[int, Request] | None:
@@ -94,6 +108,39 @@ class Slots:
         request, self.requests[slot] = self.requests[slot], None
         self.free.append(slot)
         return slot, request
+
+
+@dataclass(frozen=True)
+class HeldStep:
+    """A step's rows by request, in the batch's order: one entry per request."""
+
+    slots: np.ndarray  # [n] slot, -1 for a request no caller sent
+    first: np.ndarray  # [n] its first row in the step
+    ends: np.ndarray  # [n] one past its last row
+    pos: np.ndarray  # [n] the position of its first row
+    num_rows: int  # rows of the step (the device buffers' used part)
+    input_ids: Any  # the step's token ids [>= num_rows], or None
+    drafts: np.ndarray | None = None  # [n] draft rows ending each span (speculative decoding)
+    accepted: np.ndarray | None = None  # [n] of them, kept by verification
+    rejected: np.ndarray | None = None  # [n] thrown away
+
+    def mine(self) -> "HeldStep":
+        """Only the requests a caller sent."""
+        keep = self.slots >= 0
+        per_request = ("slots", "first", "ends", "pos", "drafts", "accepted", "rejected")
+        return replace(self, **{name: getattr(self, name)[keep] for name in per_request
+                                if getattr(self, name) is not None})
+
+    def verified(self, kept: np.ndarray) -> "HeldStep":
+        """Drafts the request does not keep cut off: ``kept`` [n] tokens it keeps of
+        those its step produced (accepted drafts and one more; any without drafts)."""
+        drafts = self.drafts
+        rejected = np.where(drafts > 0, np.clip(drafts + 1 - kept, 0, drafts), 0)
+        return replace(self, ends=self.ends - rejected, accepted=drafts - rejected, rejected=rejected).mine()
+
+    def without_drafts(self) -> "HeldStep":
+        """Every draft cut off: for a step whose sampling never came."""
+        return replace(self, ends=self.ends - self.drafts).mine()
 
 
 def request_line(kind: str, request: Request, **extra) -> bytes:

@@ -6,6 +6,7 @@ Call order in each worker process (every call is a no-op while the log is off):
   attach(model, vllm_config)        model loaded, before torch.compile / graph capture
   begin_step(scheduler_output)      top of every execute_model: requests in and out
   end_forward(req_ids, qsl, done[, input_ids])  after the forward of every real (non-dummy) step
+  end_sample(sampled)               after sampling, with speculative decoding: which drafts held
   the log closes at process exit (atexit and multiprocessing finalizers)
 
 CUDA-graph rule: the only work inside the forward is ``RouteLogger._capture``: two
@@ -14,6 +15,13 @@ After the forward, on the model's thread: a few numpy operations map rows to
 requests, device copies put the step's rows into a shared-memory ring, and a
 message of 40 bytes tells the writer process (route_log_writer.py), which waits for
 the copy, renders the JSON and writes it, with its own GIL and core.
+
+Speculative decoding: a step's last k rows of a request are its draft tokens, routed
+before verification. The step is held from end_forward to end_sample, which cuts each
+request's rejected drafts off its span: they are neither stored nor rendered, and the
+request's next position is the first rejected one. Scheduling must be synchronous
+(route_log_config checks it): with async scheduling the runner's positions at
+end_forward still count the previous step's rejected drafts.
 """
 
 import atexit
@@ -55,7 +63,12 @@ from vllm.model_executor.layers.fused_moe.route_log_config import (
     WriterLayout,
 )
 from vllm.model_executor.layers.fused_moe.route_log_meta import block_store_settings, route_log_meta
-from vllm.model_executor.layers.fused_moe.route_log_requests import Slots, request_from, request_line
+from vllm.model_executor.layers.fused_moe.route_log_requests import (
+    HeldStep,
+    Slots,
+    request_from,
+    request_line,
+)
 from vllm.platforms import current_platform
 
 logger = init_logger(__name__)
@@ -119,8 +132,10 @@ class RouteLogger:
 
     def __init__(self, config: RouteLogConfig, meta: dict, layers: list[int], top_k: int,
                  max_rows: int, device: torch.device, path: str, request_fields: dict,
-                 block_store: dict | None = None):
+                 block_store: dict | None = None, speculative: bool = False,
+                 max_model_len: int = 1 << 62):
         self.layers = layers  # may be empty on a pipeline stage without logged layers
+        self.max_model_len = max_model_len
         self.top_k = top_k
         # [max_num_batched_tokens, num_logged_layers, top_k]; row i = batch row i.
         # Two buffers: torch.compile cannot trace a copy into a view of another dtype.
@@ -131,6 +146,9 @@ class RouteLogger:
         self.request_fields = request_fields  # extra fields of request records
         # {"block_size": ..., "gap_reason": ...}: None without prefix caching.
         self.block_store = block_store if layers else None
+        self.speculative = speculative
+        self.drafts: dict[str, list[int]] = {}  # engine request id -> this step's draft tokens
+        self.held: HeldStep | None = None  # a step awaiting end_sample
         step_max = step_layout(max_rows, max_rows, len(layers), top_k)[-1]
         capacity = _buffer_bytes(config, step_max)
         meta = {**meta, "buffer_bytes": capacity}
@@ -178,11 +196,15 @@ class RouteLogger:
     def begin_step(self, scheduler_output) -> None:
         if self.stopped:
             return
+        if self.speculative:
+            if self.held is not None:  # no sampling came: its drafts' fate is unknown
+                self._log_rows(self.held.without_drafts())
+            self.drafts = scheduler_output.scheduled_spec_decode_tokens
         with self._stop_if_writer_gone():
             for new_req in scheduler_output.scheduled_new_reqs:
                 if new_req.req_id in self.slots.of:
                     continue
-                request = request_from(new_req)
+                request = request_from(new_req, self.max_model_len)
                 if request is None:
                     self.channel.count_not_logged(new_req.req_id)
                     continue
@@ -215,11 +237,15 @@ class RouteLogger:
         closed = self.slots.close(engine_id)
         if closed is not None:
             slot, request = closed
+            drafts = {}
+            if self.speculative:
+                drafts = {"accepted_draft_positions": int(self.slots.accepted[slot]),
+                          "rejected_draft_positions": int(self.slots.rejected[slot])}
             line = request_line("request_end", request, finished=finished,
                                  routed_positions=int(self.slots.routed[slot]),
                                  recomputed_positions=int(self.slots.recomputed[slot]),
                                  cached_positions=int(self.slots.cached[slot]),
-                                 **self.request_fields)
+                                 **drafts, **self.request_fields)
             self.channel.post(REQUEST_END, REQUEST_END_HEAD.pack(slot) + line)
 
     def end_forward(self, req_ids, query_start_loc, num_computed_tokens, input_ids=None) -> None:
@@ -231,10 +257,48 @@ class RouteLogger:
         n = len(req_ids)
         slots = np.fromiter(map(self.slots.of.get, req_ids, repeat(-1)), np.int64, n)
         starts = np.asarray(query_start_loc[: n + 1], dtype=np.int64)
-        first, ends = starts[:-1], starts[1:]
-        pos = np.asarray(num_computed_tokens[:n], dtype=np.int64)
-        mine = slots >= 0  # not a caller's request otherwise
-        slots, first, ends, pos = slots[mine], first[mine], ends[mine], pos[mine]
+        drafts = None
+        if self.speculative:
+            drafts = np.fromiter((len(self.drafts.get(r, ())) for r in req_ids), np.int64, n)
+        step = HeldStep(slots, starts[:-1], starts[1:], np.asarray(num_computed_tokens[:n], dtype=np.int64),
+                        int(starts[n]), input_ids, drafts)
+        if self.speculative:
+            self.held = step
+        else:
+            self._log_rows(step.mine())
+
+    def end_sample(self, sampled_token_ids) -> None:
+        """After sampling a held step: the sampler's tokens [num_reqs, 1 + drafts], -1
+        where a draft was rejected. Read on the host: scheduling is synchronous here,
+        and the runner reads the same tokens next."""
+        if self.held is None:
+            return
+        step, self.held = self.held, None
+        if self.stopped:
+            return
+        tokens = sampled_token_ids.to("cpu").numpy()[: len(step.slots)]
+        step = step.verified(self._kept(step, tokens))
+        np.add.at(self.slots.accepted, step.slots, step.accepted)
+        np.add.at(self.slots.rejected, step.slots, step.rejected)
+        self._log_rows(step)
+
+    def _kept(self, step: HeldStep, tokens: np.ndarray) -> np.ndarray:
+        """[n] tokens each request keeps of its step's: up to the first rejected draft,
+        its length limit (max_tokens, max_model_len) and its first stop token, as the
+        scheduler cuts them."""
+        kept = (tokens >= 0).sum(axis=1)
+        for i in np.flatnonzero((step.drafts > 0) & (step.slots >= 0)).tolist():
+            request = self.slots.requests[step.slots[i]]
+            before = int(step.pos[i] + step.ends[i] - step.first[i] - step.drafts[i])
+            kept[i] = min(kept[i], request.max_len - before)
+            if request.stops:
+                stop = np.flatnonzero(np.isin(tokens[i, : kept[i]], list(request.stops)))
+                kept[i] = stop[0] + 1 if stop.size else kept[i]
+        return kept
+
+    def _log_rows(self, step: HeldStep) -> None:
+        """Maps a step's rows (of the caller's requests) to positions and sends them."""
+        slots, first, ends, pos = step.slots, step.first, step.ends, step.pos
         # After a preemption the same positions run again: log each once. Positions
         # skipped forward were served by the prefix cache: the writer replays them.
         counts = ends - first
@@ -256,7 +320,7 @@ class RouteLogger:
                 hit = jump > 0
                 self.channel.post(CACHED, np.stack([slots, next_pos, pos], axis=1)[hit].tobytes())
             if len(spans):
-                self._send_step(spans, int(starts[n]), input_ids)
+                self._send_step(spans, step.num_rows, step.input_ids)
             else:
                 self.channel.flush()
 
@@ -307,11 +371,17 @@ def _buffer_bytes(config: RouteLogConfig, step_max: int) -> int:
 _ACTIVE: RouteLogger | None = None
 
 
-def attach(model: torch.nn.Module, vllm_config) -> torch.nn.Module:
-    """Hooks the configured layers' routers; the model is returned unchanged."""
+def attach(model: torch.nn.Module, vllm_config, model_config=None) -> torch.nn.Module:
+    """Hooks the configured layers' routers; the model is returned unchanged. A
+    speculative-decoding draft model (loaded with the draft's ``model_config``) is
+    not logged: its routing is a guess at the target's."""
     global _ACTIVE
     config = RouteLogConfig.from_env()
     if config is None:
+        return model
+    spec = vllm_config.speculative_config
+    if spec is not None and model_config is not None and model_config is spec.draft_model_config \
+            and model_config is not spec.target_model_config:  # n-gram: the target's own
         return model
     from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
     from vllm.distributed.utils import get_pp_indices
@@ -330,6 +400,7 @@ def attach(model: torch.nn.Module, vllm_config) -> torch.nn.Module:
     if _ACTIVE is not None:
         raise RuntimeError(f"{ENV_PATH}: a second model was loaded in this process")
     block_store = block_store_settings(vllm_config)
+    speculative = vllm_config.speculative_config is not None
     meta = route_log_meta(vllm_config, routers, layers, layout.meta(config.path), block_store)
     # Requests are split across DP ranks: say which one served each.
     request_fields = {"dp_rank": layout.dp_rank} if layout.data_parallel_size > 1 else {}
@@ -338,7 +409,7 @@ def attach(model: torch.nn.Module, vllm_config) -> torch.nn.Module:
         config, meta, layers, top_k, vllm_config.scheduler_config.max_num_batched_tokens,
         torch.device(current_platform.device_type),
         layout.shard_path(config.path, layout.dp_rank, layout.pp_rank), request_fields,
-        block_store,
+        block_store, speculative, vllm_config.model_config.max_model_len,
     )
     for slot, layer in enumerate(layers):
         routers[layer].route_log_fn = partial(_ACTIVE._capture, slot)
@@ -353,3 +424,8 @@ def begin_step(scheduler_output) -> None:
 def end_forward(req_ids, query_start_loc, num_computed_tokens, input_ids=None) -> None:
     if _ACTIVE is not None:
         _ACTIVE.end_forward(req_ids, query_start_loc, num_computed_tokens, input_ids)
+
+
+def end_sample(sampled) -> None:
+    if _ACTIVE is not None:
+        _ACTIVE.end_sample(sampled)
