@@ -17,7 +17,7 @@ from conftest import wait_until
 from vllm.model_executor.layers.fused_moe import route_logger
 from vllm.model_executor.layers.fused_moe.route_log_config import RouteLogConfig, RouteLogError
 from vllm.model_executor.layers.fused_moe.route_log_render import render_rows, render_rows_plain
-from vllm.model_executor.layers.fused_moe.route_log_requests import sample_index
+from vllm.model_executor.layers.fused_moe.route_log_requests import HeldStep, Request, sample_index
 from vllm.model_executor.layers.fused_moe.route_log_store import BlockRoutes
 
 
@@ -341,3 +341,21 @@ def test_token_ids_come_once_per_request(tmp_path):
     assert ends["a"]["generated_token_ids"] == [14, 15] and ends["b"]["generated_token_ids"] == [23]
     # A prompt of embeddings: no ids, so where generation starts is not known to the writer.
     assert starts["e"]["prompt_token_ids"] == [] and "generated_token_ids" not in ends["e"]
+
+
+def test_a_speculative_step_keeps_the_drafts_each_request_keeps():
+    """Four decode spans of 1 + 3 rows: all drafts accepted; the second rejected;
+    max_tokens reached after one draft; a stop token among the accepted ones. A fifth
+    request no caller sent is dropped."""
+    requests = [Request("a", "a", None, 10, 0), Request("b", "b", None, 10, 0),
+                Request("c", "c", None, 10, 0, max_len=12), Request("d", "d", None, 10, 0, stops=frozenset({7}))]
+    first = np.arange(5) * 4
+    step = HeldStep(slots=np.array([0, 1, 2, 3, -1]), first=first, ends=first + 4, pos=np.full(5, 10),
+                    num_rows=20, input_ids=None, drafts=np.full(5, 3))
+    tokens = np.array([[5, 5, 5, 5], [5, 5, -1, -1], [5, 5, 5, 5], [5, 7, 5, 5], [5, 5, 5, 5]])
+    kept = step.verified(tokens, requests)
+    assert kept.slots.tolist() == [0, 1, 2, 3]
+    # a: every row; b: the row before its drafts and one draft; c: 11 tokens before the
+    # step and 12 at most, so only position 10 is fed; d: the drafts up to the stop token
+    assert (kept.ends - kept.first).tolist() == [4, 2, 1, 2]
+    assert kept.accepted.tolist() == [3, 1, 0, 1] and kept.rejected.tolist() == [0, 2, 3, 2]

@@ -34,16 +34,17 @@ def prompt_len_of(new_req) -> int:
     return 0 if new_req.prompt_embeds is None else new_req.prompt_embeds.shape[0]
 
 
-def request_from(new_req, max_model_len: int = 1 << 62) -> Request | None:
+def request_from(new_req, max_model_len: int | None = None) -> Request | None:
     """None for requests no caller sent (vLLM's warm-up): only the front end sets
-    external_req_id."""
+    external_req_id. With ``max_model_len`` (speculative decoding), also where the
+    engine ends it: its length limit and stop tokens."""
     engine_id = new_req.req_id
     external = getattr(new_req, "external_req_id", None)
     if external is None:
         return None
     prompt_len = prompt_len_of(new_req)
-    params = new_req.sampling_params
-    max_len, stops = max_model_len, frozenset()
+    max_len, stops = max_model_len or 1 << 62, frozenset()
+    params = new_req.sampling_params if max_model_len is not None else None
     if params is not None:
         if params.max_tokens is not None:
             max_len = min(max_len, prompt_len + params.max_tokens)
@@ -112,7 +113,8 @@ class Slots:
 
 @dataclass(frozen=True)
 class HeldStep:
-    """A step's rows by request, in the batch's order: one entry per request."""
+    """A speculative step's rows by request, in the batch's order, from end_forward
+    until sampling says which drafts each request kept."""
 
     slots: np.ndarray  # [n] slot, -1 for a request no caller sent
     first: np.ndarray  # [n] its first row in the step
@@ -120,9 +122,9 @@ class HeldStep:
     pos: np.ndarray  # [n] the position of its first row
     num_rows: int  # rows of the step (the device buffers' used part)
     input_ids: Any  # the step's token ids [>= num_rows], or None
-    drafts: np.ndarray | None = None  # [n] draft rows ending each span (speculative decoding)
-    accepted: np.ndarray | None = None  # [n] of them, kept by verification
-    rejected: np.ndarray | None = None  # [n] thrown away
+    drafts: np.ndarray  # [n] draft rows ending each span
+    accepted: np.ndarray | None = None  # [n] of them, kept
+    rejected: np.ndarray | None = None  # [n] cut off
 
     def mine(self) -> "HeldStep":
         """Only the requests a caller sent."""
@@ -131,12 +133,30 @@ class HeldStep:
         return replace(self, **{name: getattr(self, name)[keep] for name in per_request
                                 if getattr(self, name) is not None})
 
-    def verified(self, kept: np.ndarray) -> "HeldStep":
-        """Drafts the request does not keep cut off: ``kept`` [n] tokens it keeps of
-        those its step produced (accepted drafts and one more; any without drafts)."""
+    def rows(self) -> tuple:
+        """RouteLogger._log_rows's arguments."""
+        return self.slots, self.first, self.ends, self.pos, self.num_rows, self.input_ids
+
+    def verified(self, tokens: np.ndarray, requests: list) -> "HeldStep":
+        """The caller's requests, each cut to the drafts it keeps: ``tokens`` [n, 1 +
+        drafts] the sampler's, -1 after the first rejected draft; ``requests`` by slot."""
         drafts = self.drafts
+        kept = self._kept(tokens, requests)
         rejected = np.where(drafts > 0, np.clip(drafts + 1 - kept, 0, drafts), 0)
         return replace(self, ends=self.ends - rejected, accepted=drafts - rejected, rejected=rejected).mine()
+
+    def _kept(self, tokens: np.ndarray, requests: list) -> np.ndarray:
+        """[n] tokens each request keeps of its step's, as the scheduler cuts them: up
+        to the first rejected draft, its length limit, its first stop token."""
+        kept = (tokens >= 0).sum(axis=1)
+        for i in np.flatnonzero((self.drafts > 0) & (self.slots >= 0)).tolist():
+            request = requests[self.slots[i]]
+            before = int(self.pos[i] + self.ends[i] - self.first[i] - self.drafts[i])
+            kept[i] = min(kept[i], request.max_len - before)
+            if request.stops:
+                stop = np.flatnonzero(np.isin(tokens[i, : kept[i]], list(request.stops)))
+                kept[i] = stop[0] + 1 if stop.size else kept[i]
+        return kept
 
     def without_drafts(self) -> "HeldStep":
         """Every draft cut off: for a step whose sampling never came."""

@@ -32,7 +32,6 @@ from array import array
 from contextlib import contextmanager
 from functools import partial
 from itertools import repeat
-from typing import Any
 
 import numpy as np
 import torch
@@ -55,13 +54,12 @@ from vllm.model_executor.layers.fused_moe.route_log_channel import (
 )
 from vllm.model_executor.layers.fused_moe.route_log_config import (
     ENV_BUFFER,
-    ENV_LAYERS,
     ENV_PATH,
-    LAYERS_HELP,
     RouteLogConfig,
     RouteLogError,
     WriterLayout,
 )
+from vllm.model_executor.layers.fused_moe.route_log_layers import moe_routers, select_layers
 from vllm.model_executor.layers.fused_moe.route_log_meta import block_store_settings, route_log_meta
 from vllm.model_executor.layers.fused_moe.route_log_requests import (
     HeldStep,
@@ -72,59 +70,6 @@ from vllm.model_executor.layers.fused_moe.route_log_requests import (
 from vllm.platforms import current_platform
 
 logger = init_logger(__name__)
-
-def moe_routers(model: torch.nn.Module) -> dict[int, Any]:
-    """{decoder-layer index: router} for every MoE layer whose router we can hook."""
-    from vllm.model_executor.layers.fused_moe.layer import MoERunner
-    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
-
-    routers = {}
-    for module in model.modules():
-        if not isinstance(module, MoERunner):
-            continue
-        if module.routed_experts.quant_method.is_monolithic:
-            raise RouteLogError(
-                f"{ENV_PATH}: layer {module.layer_id} uses a monolithic MoE kernel that "
-                "routes inside the kernel; the route log needs a modular one"
-            )
-        if not isinstance(module.router, BaseRouter):
-            raise RouteLogError(
-                f"{ENV_PATH}: router {type(module.router).__name__} is not supported"
-            )
-        routers[module.layer_id] = module.router
-    return routers
-
-
-def select_layers(
-    wanted: tuple[int, ...] | None, moe_layers: list[int], stage: range | None = None
-) -> list[int]:
-    """The wanted layers, checked against ``moe_layers``. With pipeline parallelism
-    ``stage`` is this stage's decoder layers and ``moe_layers`` its MoE layers; the
-    wanted layers of other stages are theirs to log."""
-    if not moe_layers and stage is None:
-        raise RouteLogError(f"{ENV_PATH} is set but the model has no MoE layers")
-    if wanted is None:
-        return moe_layers
-    here = [layer for layer in wanted if stage is None or layer in stage]
-    missing = [layer for layer in here if layer not in moe_layers]
-    if missing:
-        of_stage = "" if stage is None else f" of pipeline stage {stage.start}-{stage.stop - 1}"
-        raise RouteLogError(
-            f"{ENV_LAYERS}: layer(s) {missing} are not MoE layers; valid MoE layers"
-            f"{of_stage}: {_ranges(moe_layers)}; accepted: {LAYERS_HELP}"
-        )
-    return here
-
-
-def _ranges(values: list[int]) -> str:
-    runs: list[list[int]] = []
-    for v in values:
-        if runs and v == runs[-1][1] + 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
-
 
 class RouteLogger:
     """Owns the device buffers, the open requests and the channel to the writer
@@ -198,13 +143,13 @@ class RouteLogger:
             return
         if self.speculative:
             if self.held is not None:  # no sampling came: its drafts' fate is unknown
-                self._log_rows(self.held.without_drafts())
+                self._log_rows(*self.held.without_drafts().rows())
             self.drafts = scheduler_output.scheduled_spec_decode_tokens
         with self._stop_if_writer_gone():
             for new_req in scheduler_output.scheduled_new_reqs:
                 if new_req.req_id in self.slots.of:
                     continue
-                request = request_from(new_req, self.max_model_len)
+                request = request_from(new_req, self.max_model_len if self.speculative else None)
                 if request is None:
                     self.channel.count_not_logged(new_req.req_id)
                     continue
@@ -257,15 +202,16 @@ class RouteLogger:
         n = len(req_ids)
         slots = np.fromiter(map(self.slots.of.get, req_ids, repeat(-1)), np.int64, n)
         starts = np.asarray(query_start_loc[: n + 1], dtype=np.int64)
-        drafts = None
+        first, ends = starts[:-1], starts[1:]
+        pos = np.asarray(num_computed_tokens[:n], dtype=np.int64)
         if self.speculative:
-            drafts = np.fromiter((len(self.drafts.get(r, ())) for r in req_ids), np.int64, n)
-        step = HeldStep(slots, starts[:-1], starts[1:], np.asarray(num_computed_tokens[:n], dtype=np.int64),
-                        int(starts[n]), input_ids, drafts)
-        if self.speculative:
-            self.held = step
-        else:
-            self._log_rows(step.mine())
+            drafts = np.zeros(n, np.int64)
+            if self.drafts:
+                drafts[:] = [len(self.drafts.get(r, ())) for r in req_ids]
+            self.held = HeldStep(slots, first, ends, pos, int(starts[n]), input_ids, drafts)
+            return
+        mine = slots >= 0  # not a caller's request otherwise
+        self._log_rows(slots[mine], first[mine], ends[mine], pos[mine], int(starts[n]), input_ids)
 
     def end_sample(self, sampled_token_ids) -> None:
         """After sampling a held step: the sampler's tokens [num_reqs, 1 + drafts], -1
@@ -276,29 +222,14 @@ class RouteLogger:
         step, self.held = self.held, None
         if self.stopped:
             return
-        tokens = sampled_token_ids.to("cpu").numpy()[: len(step.slots)]
-        step = step.verified(self._kept(step, tokens))
+        step = step.verified(sampled_token_ids.to("cpu").numpy()[: len(step.slots)], self.slots.requests)
         np.add.at(self.slots.accepted, step.slots, step.accepted)
         np.add.at(self.slots.rejected, step.slots, step.rejected)
-        self._log_rows(step)
+        self._log_rows(*step.rows())
 
-    def _kept(self, step: HeldStep, tokens: np.ndarray) -> np.ndarray:
-        """[n] tokens each request keeps of its step's: up to the first rejected draft,
-        its length limit (max_tokens, max_model_len) and its first stop token, as the
-        scheduler cuts them."""
-        kept = (tokens >= 0).sum(axis=1)
-        for i in np.flatnonzero((step.drafts > 0) & (step.slots >= 0)).tolist():
-            request = self.slots.requests[step.slots[i]]
-            before = int(step.pos[i] + step.ends[i] - step.first[i] - step.drafts[i])
-            kept[i] = min(kept[i], request.max_len - before)
-            if request.stops:
-                stop = np.flatnonzero(np.isin(tokens[i, : kept[i]], list(request.stops)))
-                kept[i] = stop[0] + 1 if stop.size else kept[i]
-        return kept
-
-    def _log_rows(self, step: HeldStep) -> None:
-        """Maps a step's rows (of the caller's requests) to positions and sends them."""
-        slots, first, ends, pos = step.slots, step.first, step.ends, step.pos
+    def _log_rows(self, slots, first, ends, pos, num_rows: int, input_ids) -> None:
+        """Maps a step's rows to positions and sends them: per caller's request, its
+        slot, first and one-past-last row, and the position of its first row."""
         # After a preemption the same positions run again: log each once. Positions
         # skipped forward were served by the prefix cache: the writer replays them.
         counts = ends - first
@@ -320,7 +251,7 @@ class RouteLogger:
                 hit = jump > 0
                 self.channel.post(CACHED, np.stack([slots, next_pos, pos], axis=1)[hit].tobytes())
             if len(spans):
-                self._send_step(spans, step.num_rows, step.input_ids)
+                self._send_step(spans, num_rows, input_ids)
             else:
                 self.channel.flush()
 
