@@ -66,6 +66,41 @@ def check_token_ids(run) -> None:
             assert ends[key]["generated_token_ids"] == generated[:-1], key
 
 
+def greedy_outputs(run) -> list[dict]:
+    return [
+        {"id": o["id"], "samples": o["samples"]} for o in run.result["outputs"] if len(o["samples"]) == 1
+    ]
+
+
+def routes_by_key(run) -> dict:
+    """{(req_id, sample, token_idx, layer): route record}; each key logged once."""
+    _, routes, _, _ = read_log(run.log)
+    keyed = {(r["req_id"], r.get("sample", 0), r["token_idx"], r["layer"]): r for r in routes}
+    assert len(keyed) == len(routes), "a (request, position, layer) was logged twice"
+    return keyed
+
+
+def assert_same_greedy_routing(run_a, run_b, label: str, max_differ: float, weight_tol: float) -> None:
+    """The greedy requests of two runs: same tokens, the same records, ids equal but
+    for a fraction ``max_differ`` (near-ties), weights within ``weight_tol`` where
+    they are; the measured values go to the report as ``label``."""
+    assert greedy_outputs(run_a) == greedy_outputs(run_b)
+    a, b = routes_by_key(run_a), routes_by_key(run_b)
+    greedy_ids = {o["id"] for o in greedy_outputs(run_a)}
+    shared = [k for k in a if k[0] in greedy_ids]
+    assert shared and set(shared) == {k for k in b if k[0] in greedy_ids}
+    differ = [k for k in shared if sorted(a[k]["topk_ids"]) != sorted(b[k]["topk_ids"])]
+    errors = [
+        abs(dict(zip(a[k]["topk_ids"], a[k]["topk_weights"]))[e] - w)
+        for k in shared if k not in differ
+        for e, w in zip(b[k]["topk_ids"], b[k]["topk_weights"])
+    ]
+    report(run_a, Counter(**{f"{label}_records": len(shared)}, id_differences=len(differ),
+                          max_weight_difference=max(errors)))
+    assert len(differ) <= max_differ * len(shared), differ[:5]
+    assert max(errors) < weight_tol
+
+
 def read_log(path) -> tuple[dict, list[dict], dict[str, list[dict]], dict]:
     """meta, routes, {"request": [...], "request_end": [...]}, end"""
     lines = [json.loads(line) for line in path.read_text().splitlines()]

@@ -5,14 +5,14 @@ PYTHONPATH and sets STOCK_VLLM_PYTHONPATH to the unpatched one); skipped without
 """
 
 import os
-from collections import Counter
 
 import pytest
 import torch
 
 from conftest import engine_kwargs, run_engine
 from route_checks import (
-    check_against_oracle, check_token_ids, read_log, report, top2_spec, with_repeated_prompt,
+    assert_same_greedy_routing, check_against_oracle, check_token_ids, greedy_outputs, read_log,
+    routes_by_key, top2_spec, with_repeated_prompt,
 )
 
 pytestmark = [
@@ -35,17 +35,6 @@ def gpu_spec(model, **engine):
     spec = top2_spec(model)
     spec["engine"] = engine_kwargs(gpu_memory_utilization=0.25, **engine)
     return spec
-
-
-def greedy_outputs(run) -> list[dict]:
-    return [
-        {"id": o["id"], "samples": o["samples"]} for o in run.result["outputs"] if len(o["samples"]) == 1
-    ]
-
-
-def routes_by_key(run) -> dict:
-    _, routes, _, _ = read_log(run.log)
-    return {(r["req_id"], r.get("sample", 0), r["token_idx"], r["layer"]): r for r in routes}
 
 
 @pytest.fixture(scope="module")
@@ -110,30 +99,9 @@ def test_token_ids_are_logged_on_both_runners(runs, name):
     check_token_ids(runs[name])
 
 
-def assert_same_greedy_routing(run_a, run_b, label: str) -> None:
-    """The greedy requests of two runs: same tokens, every record of ``run_a`` in
-    ``run_b``, ids equal but for rare near-ties (<= 0.2%), weights within the GPU
-    tolerance; the measured values go to the report as ``label``."""
-    assert greedy_outputs(run_a) == greedy_outputs(run_b)
-    a, b = routes_by_key(run_a), routes_by_key(run_b)
-    greedy_ids = {o["id"] for o in greedy_outputs(run_a)}
-    shared = [k for k in a if k[0] in greedy_ids]
-    assert shared and all(k in b for k in shared)
-    differ = [k for k in shared if sorted(a[k]["topk_ids"]) != sorted(b[k]["topk_ids"])]
-    errors = [
-        abs(dict(zip(a[k]["topk_ids"], a[k]["topk_weights"]))[e] - w)
-        for k in shared if k not in differ
-        for e, w in zip(b[k]["topk_ids"], b[k]["topk_weights"])
-    ]
-    report(run_a, Counter(**{f"{label}_records": len(shared)}, id_differences=len(differ),
-                          max_weight_difference=max(errors)))
-    assert len(differ) <= 0.002 * len(shared), differ[:5]
-    assert max(errors) < RUNS_WEIGHT_TOL
-
-
 def test_default_mode_equals_eager(runs):
     """Compiled + CUDA graphs vs eager."""
-    assert_same_greedy_routing(runs["default"], runs["eager"], "default_vs_eager")
+    assert_same_greedy_routing(runs["default"], runs["eager"], "default_vs_eager", 0.002, RUNS_WEIGHT_TOL)
 
 
 def test_ids_equal_vllms_own_routed_expert_capture(runs):

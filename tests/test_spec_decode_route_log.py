@@ -5,7 +5,9 @@ without, on the same greedy requests; the first is also held to the HF oracle.""
 import pytest
 
 from conftest import engine_kwargs, run_engine
-from route_checks import check_against_oracle, check_token_ids, greedy, prompts, read_log
+from route_checks import (
+    assert_same_greedy_routing, check_against_oracle, check_token_ids, greedy, prompts, read_log,
+)
 
 pytestmark = pytest.mark.engine
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
@@ -52,15 +54,5 @@ def test_every_accepted_position_once_and_equal_to_the_oracle(runs, models):
     check_token_ids(runs["ngram"])
 
 
-def test_the_same_ids_as_without_speculative_decoding(runs):
-    outputs = {name: {o["id"]: o["samples"] for o in run.result["outputs"]} for name, run in runs.items()}
-    assert outputs["ngram"] == outputs["plain"]
-    logs = {}
-    for name, run in runs.items():
-        _, routes, _, _ = read_log(run.log)
-        logs[name] = {(r["req_id"], r["token_idx"], r["layer"]): r for r in routes}
-    assert logs["ngram"].keys() == logs["plain"].keys()
-    for key, plain in logs["plain"].items():
-        spec = logs["ngram"][key]
-        assert spec["topk_ids"] == plain["topk_ids"], key
-        assert max(abs(a - b) for a, b in zip(spec["topk_weights"], plain["topk_weights"])) < WEIGHT_TOL, key
+def test_the_same_routing_as_without_speculative_decoding(runs):
+    assert_same_greedy_routing(runs["ngram"], runs["plain"], "ngram_vs_plain", 0, WEIGHT_TOL)
