@@ -199,8 +199,9 @@ def hook_times(folder: Path) -> dict:
     return totals
 
 
-def workload(args) -> dict:
-    keys = ("model", "data", "requests", "max_tokens", "prompt_tokens", "tp", "repeats", "max_model_len", "warmup")
+def workload(args, keys=("repeats", "warmup")) -> dict:
+    """The child's options: the workload's, plus ``keys`` of this benchmark's own."""
+    keys = ("model", "data", "requests", "max_tokens", "prompt_tokens", "tp", "max_model_len", *keys)
     return {k: getattr(args, k) for k in keys} | {"prefix_caching": args.prefix_caching or None}
 
 
@@ -298,27 +299,32 @@ def report(args) -> None:
     markdown_section.report(args.files, table, args.write, args.section)
 
 
+def add_workload_options(p: argparse.ArgumentParser) -> None:
+    """The workload and the process's place in the run, shared with bench_throughput_ab.py."""
+    p.add_argument("--model", type=Path, default=SHARED / "models" / "qwen1.5-moe-a2.7b-chat")
+    p.add_argument("--data", type=Path, default=SHARED / "data" / "gsm8k_test_first25.jsonl")
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, help="exact prompt length in tokens")
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    p.add_argument("--prefix-caching", action="store_true", help="vLLM's default; off unless given")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mode")
+    p.add_argument("--first-round", type=int, default=0, help="rotation of the first round")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "child"):
         p = sub.add_parser(name)
-        p.add_argument("--model", type=Path, default=SHARED / "models" / "qwen1.5-moe-a2.7b-chat")
-        p.add_argument("--data", type=Path, default=SHARED / "data" / "gsm8k_test_first25.jsonl")
-        p.add_argument("--requests", type=int, default=1000)
-        p.add_argument("--max-tokens", type=int, default=128)
-        p.add_argument("--prompt-tokens", type=int, help="exact prompt length in tokens")
-        p.add_argument("--max-model-len", type=int, default=1024)
-        p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+        add_workload_options(p)
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--warmup", type=int, help="prompts in the warm-up generation (default: all)")
-        p.add_argument("--out", required=True)
-        p.add_argument("--mode")
         p.add_argument("--modes", default="off,layer0,all", help="off, layer0, all, layers=SPEC")
         p.add_argument("--rounds", type=int, default=3)
-        p.add_argument("--first-round", type=int, default=0, help="rotation of the first round")
         p.add_argument("--time-hooks", action="store_true", help="time the logger's calls in the engine")
-        p.add_argument("--prefix-caching", action="store_true", help="vLLM's default; off unless given")
     markdown_section.add_report_command(sub, "throughput")
     args = parser.parse_args()
     if args.command == "child":

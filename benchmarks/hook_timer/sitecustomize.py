@@ -1,10 +1,18 @@
-"""Times the route logger's calls on the engine's thread, in whichever process runs them.
+"""Times the route logger's calls on the engine's thread, and pauses the log on request,
+in whichever process runs them (benchmarks only; vLLM imports this through PYTHONPATH).
 
-bench_throughput.py --time-hooks puts this folder on the engine's PYTHONPATH and sets
-ROUTE_HOOK_TIMES to a folder; when vLLM imports route_logger, its begin_step and
-end_forward are wrapped with timers, and every 10 steps the totals are written to
-ROUTE_HOOK_TIMES/<pid>.json as {name: [calls, seconds, longest call]} (the
-steps after the last multiple of 10 are not counted).
+ROUTE_HOOK_TIMES=folder (bench_throughput.py --time-hooks, bench_throughput_ab.py): when
+vLLM imports route_logger, its begin_step and end_forward are wrapped with timers, and
+every 10 steps the totals are written to ROUTE_HOOK_TIMES/<pid>.json as
+{name: [calls, seconds, longest call]}, the names of paused steps ending in " paused"
+(the steps after the last multiple of 10 are not counted).
+
+ROUTE_PAUSE_FLAG=path (bench_throughput_ab.py): a step that begins while that file
+exists admits no new request to the log, and its end_forward is skipped once no logged
+request is open; requests finishing in it still close. The engine then runs as with the
+log off but for the capture copies its CUDA graphs hold and an idle writer process. The
+benchmark switches only between generations, so no request is both paused and logged,
+and the log holds exactly the logged generations' requests.
 """
 
 import importlib.abc
@@ -32,24 +40,48 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
+class _WithoutNewRequests:
+    """A scheduler output as the paused logger sees it: the runner keeps the real one."""
+
+    scheduled_new_reqs = ()
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 def _wrap(module) -> None:
-    totals = {"begin_step": [0, 0.0, 0.0], "end_forward": [0, 0.0, 0.0]}
+    totals: dict[str, list] = {}
     out = os.path.join(os.environ["ROUTE_HOOK_TIMES"], f"{os.getpid()}.json")
-    for name, total in totals.items():
-        call = getattr(module, name)
+    flag = os.environ.get("ROUTE_PAUSE_FLAG")
+    state = {"paused": False}
+    begin, end = module.begin_step, module.end_forward
 
-        def timed(*args, call=call, total=total, name=name):
-            t0 = time.perf_counter()
+    def timed(name, call, *args):
+        t0 = time.perf_counter()
+        if call is not None:
             call(*args)
-            dt = time.perf_counter() - t0
-            total[0] += 1
-            total[1] += dt
-            total[2] = max(total[2], dt)
-            if name == "end_forward" and total[0] % 10 == 0:
-                with open(out, "w") as f:
-                    json.dump(totals, f)
+        dt = time.perf_counter() - t0
+        total = totals.setdefault(name + (" paused" if state["paused"] else ""), [0, 0.0, 0.0])
+        total[0] += 1
+        total[1] += dt
+        total[2] = max(total[2], dt)
+        return total[0]
 
-        setattr(module, name, timed)
+    def begin_step(scheduler_output):
+        state["paused"] = flag is not None and os.path.exists(flag)
+        timed("begin_step", begin, _WithoutNewRequests(scheduler_output) if state["paused"] else scheduler_output)
+
+    def end_forward(*args):
+        logged = module._ACTIVE is not None and module._ACTIVE.slots.of
+        calls = timed("end_forward", end if logged or not state["paused"] else None, *args)
+        if calls % 10 == 0:
+            with open(out, "w") as f:
+                json.dump(totals, f)
+
+    module.begin_step, module.end_forward = begin_step, end_forward
 
 
 if os.environ.get("ROUTE_HOOK_TIMES"):
