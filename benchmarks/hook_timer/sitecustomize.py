@@ -1,5 +1,6 @@
-"""Times the route logger's calls on the engine's thread, and pauses the log on request,
-in whichever process runs them (benchmarks only; vLLM imports this through PYTHONPATH).
+"""Times the route logger's calls on the engine's thread, and pauses the log in alternate
+blocks of steps, in whichever process runs them (benchmarks only; vLLM imports this
+through PYTHONPATH).
 
 ROUTE_HOOK_TIMES=folder (bench_throughput.py --time-hooks, bench_throughput_ab.py): when
 vLLM imports route_logger, its begin_step and end_forward are wrapped with timers, and
@@ -7,22 +8,26 @@ every 10 steps the totals are written to ROUTE_HOOK_TIMES/<pid>.json as
 {name: [calls, seconds, longest call]}, the names of paused steps ending in " paused"
 (the steps after the last multiple of 10 are not counted).
 
-ROUTE_PAUSE_FLAG=path (bench_throughput_ab.py): a step that begins while that file
-exists admits no new request to the log, and its end_forward is skipped once no logged
-request is open; requests finishing in it still close. The engine then runs as with the
-log off but for the capture copies its CUDA graphs hold and an idle writer process. The
-benchmark switches only between generations, so no request is both paused and logged,
-and the log holds exactly the logged generations' requests.
+ROUTE_PAUSE_STEPS=B (bench_throughput_ab.py): steps alternate between B logged and B
+paused ones. A paused step's end_forward is skipped: none of its rows are copied to the
+host or logged. Its begin_step runs as ever, so requests are admitted and closed (the
+log then holds the requests with the positions of logged steps only; the next logged
+step finds the skipped positions, which are reported as not logged). Each step appends
+(time.perf_counter() at begin_step, tokens scheduled, paused) to
+ROUTE_HOOK_TIMES/<pid>.steps as struct STEP, unbuffered, so that a process ended by
+multiprocessing (no atexit) leaves every step it began.
 """
 
 import importlib.abc
 import importlib.machinery
 import json
 import os
+import struct
 import sys
 import time
 
 MODULE = "vllm.model_executor.layers.fused_moe.route_logger"
+STEP = struct.Struct("<dqB")
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -40,23 +45,13 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
-class _WithoutNewRequests:
-    """A scheduler output as the paused logger sees it: the runner keeps the real one."""
-
-    scheduled_new_reqs = ()
-
-    def __init__(self, inner):
-        self._inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
 def _wrap(module) -> None:
     totals: dict[str, list] = {}
-    out = os.path.join(os.environ["ROUTE_HOOK_TIMES"], f"{os.getpid()}.json")
-    flag = os.environ.get("ROUTE_PAUSE_FLAG")
-    state = {"paused": False}
+    folder = os.environ["ROUTE_HOOK_TIMES"]
+    every = int(os.environ.get("ROUTE_PAUSE_STEPS", 0))
+    trace = os.open(os.path.join(folder, f"{os.getpid()}.steps"), os.O_WRONLY | os.O_CREAT | os.O_APPEND) \
+        if every else None
+    state = {"paused": False, "steps": 0}
     begin, end = module.begin_step, module.end_forward
 
     def timed(name, call, *args):
@@ -71,14 +66,17 @@ def _wrap(module) -> None:
         return total[0]
 
     def begin_step(scheduler_output):
-        state["paused"] = flag is not None and os.path.exists(flag)
-        timed("begin_step", begin, _WithoutNewRequests(scheduler_output) if state["paused"] else scheduler_output)
+        state["paused"] = bool(every) and state["steps"] // every % 2 == 1
+        state["steps"] += 1
+        if trace is not None:
+            os.write(trace, STEP.pack(time.perf_counter(), scheduler_output.total_num_scheduled_tokens,
+                                      state["paused"]))
+        timed("begin_step", begin, scheduler_output)
 
     def end_forward(*args):
-        logged = module._ACTIVE is not None and module._ACTIVE.slots.of
-        calls = timed("end_forward", end if logged or not state["paused"] else None, *args)
+        calls = timed("end_forward", None if state["paused"] else end, *args)
         if calls % 10 == 0:
-            with open(out, "w") as f:
+            with open(os.path.join(folder, f"{os.getpid()}.json"), "w") as f:
                 json.dump(totals, f)
 
     module.begin_step, module.end_forward = begin_step, end_forward
