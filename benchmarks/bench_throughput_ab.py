@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 import bench_throughput as tp
 import markdown_section
 
@@ -105,35 +107,46 @@ def run_process(args, mode: str, rnd: int, tmp: Path) -> dict:
 
 
 def step_costs(result: dict) -> dict:
-    """Per kind of step (decode, prefill): mean step time logged and paused, in ms, the
-    difference of logged and paused steps (not of those two means), its standard error, and how many steps of the
-    kind a generation has. Every generation schedules the same steps, so the difference
-    is taken of each step's time less the mean of the same step (by its index in the
-    generation) over the generations: what a step is does not weigh on it."""
-    by_index: dict = {}
-    for t0, t1 in result["windows"]:
-        steps = [s for s in result["steps"] if t0 <= s[0] <= t1]
-        for k, ((t, tokens, paused), (t_next, _, _)) in enumerate(zip(steps, steps[1:])):
-            kind = "decode" if tokens <= result["requests"] else "prefill"
-            by_index.setdefault(k, []).append((kind, paused, (t_next - t) * 1e3))
-    samples: dict = {}
-    for same in by_index.values():
-        if len({paused for _, paused, _ in same}) < 2:
-            continue  # this step was logged in every generation, or paused in every one
-        mean = statistics.mean(ms for _, _, ms in same)
-        for kind, paused, ms in same:
-            samples.setdefault(kind, ([], [], [], []))[paused].append(ms - mean)
-            samples[kind][2 + paused].append(ms)
+    """Per kind of step (decode, prefill): mean step time logged and paused, in ms (raw),
+    the cost of logging a step in ms with its standard error, and how many steps of the
+    kind a generation has. The cost comes from a least-squares fit of log step time on
+    what the step is (its index in the generation: the batch and its schedule repeat),
+    when it ran (its segment: one logged and one paused block of its generation, ~1 s) and whether it was
+    logged (per kind): a step is compared with the same step elsewhere and with its
+    neighbours in time, so neither the mix of steps nor a slow drift weighs on it."""
+    steps, segment = result["steps"], 2 * result["block"]
+    rows = []  # kind, paused, index in its generation, segment, ms
+    for g, (t0, t1) in enumerate(result["windows"]):
+        inside = [n for n, s in enumerate(steps) if t0 <= s[0] <= t1]
+        for k, (n, after) in enumerate(zip(inside, inside[1:])):
+            kind = "decode" if steps[n][1] <= result["requests"] else "prefill"
+            rows.append((kind, steps[n][2], k, (g, n // segment), (steps[after][0] - steps[n][0]) * 1e3))
+    kinds = sorted({r[0] for r in rows})
+    columns = {("logged", kind): i for i, kind in enumerate(kinds)}
+    for key in sorted({("index", r[2]) for r in rows}) + sorted({("segment", r[3]) for r in rows})[1:]:
+        columns[key] = len(columns)
+    x = np.zeros((len(rows), len(columns)))
+    for i, (kind, paused, k, seg, _) in enumerate(rows):
+        x[i, columns[("index", k)]] = 1
+        x[i, columns.get(("segment", seg), columns[("index", k)])] = 1  # the first segment is the base
+        x[i, columns[("logged", kind)]] = not paused
+    y = np.log([r[4] for r in rows])
+    beta, _, rank, _ = np.linalg.lstsq(x, y, rcond=None)
+    sigma2 = float(np.sum((y - x @ beta) ** 2)) / (len(rows) - rank)
+    cov = sigma2 * np.linalg.pinv(x.T @ x)
     costs = {}
-    for kind, (logged, paused, logged_ms, paused_ms) in samples.items():
+    for kind in kinds:
+        logged = [r[4] for r in rows if r[0] == kind and not r[1]]
+        paused = [r[4] for r in rows if r[0] == kind and r[1]]
         if len(logged) < 2 or len(paused) < 2:
             continue
-        se = (statistics.variance(logged) / len(logged) + statistics.variance(paused) / len(paused)) ** 0.5
-        diff = statistics.mean(logged) - statistics.mean(paused)
-        costs[kind] = {"logged_ms": statistics.mean(logged_ms), "paused_ms": statistics.mean(paused_ms),
-                       "diff_ms": diff, "se_ms": se, "logged_steps": len(logged), "paused_steps": len(paused),
-                       "per_generation": sum(1 for same in by_index.values() for k, _, _ in same if k == kind)
-                       / len(result["windows"])}
+        c, se = beta[columns[("logged", kind)]], cov[columns[("logged", kind)], columns[("logged", kind)]] ** 0.5
+        base = statistics.mean(paused)
+        costs[kind] = {"logged_ms": statistics.mean(logged), "paused_ms": base,
+                       "logged_p10_ms": float(np.percentile(logged, 10)), "paused_p10_ms": float(np.percentile(paused, 10)),
+                       "diff_ms": base * (np.exp(c) - 1), "se_ms": base * np.exp(c) * se,
+                       "logged_steps": len(logged), "paused_steps": len(paused),
+                       "per_generation": (len(logged) + len(paused)) / len(result["windows"])}
     return costs
 
 
@@ -164,22 +177,25 @@ def table(results: list[dict]) -> str:
         f"{', '.join(map(str, rounds))} on one machine, a fresh process per mode and round, modes in rotating "
         f"order; in each process a warm-up generation, then {len(first['windows'])} timed generations whose steps "
         f"alternate in blocks of {first['block']} between logging and the log paused; prefix caching "
-        f"{'on' if first.get('prefix_caching') else 'off'}. Step times in ms (mean); differences with "
-        "+- 2 standard errors. Mode 'off' has no log: its difference is the noise floor.",
+        f"{'on' if first.get('prefix_caching') else 'off'}. Step times in ms: means, and the 10th percentile; "
+        "differences (fitted: step index and time segment taken out) with +- 2 standard errors. Mode 'off' "
+        "has no log: its difference is the method's error.",
         "",
-        "| mode | round | decode steps logged / paused | decode step logged / paused | decode difference "
+        "| mode | round | decode steps logged / paused | decode step logged / paused | decode p10 logged / paused "
+        "| decode difference "
         "| prefill step logged / paused | prefill difference | cost per generation | logger ms/step logged / paused "
         "| engine waits |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(results, key=lambda r: (r["mode"] != "off", r["mode"], r["round"])):
         kinds = step_costs(r)
         cells = []
         for kind in ("decode", "prefill"):
             c = kinds.get(kind)
-            if kind == "decode":
-                cells.append(f"{c['logged_steps']} / {c['paused_steps']}" if c else "-")
-            cells += [f"{c['logged_ms']:.2f} / {c['paused_ms']:.2f}" if c else "-",
+            cells += [f"{c['logged_steps']} / {c['paused_steps']}" if c else "-"] if kind == "decode" else []
+            cells += [f"{c['logged_ms']:.2f} / {c['paused_ms']:.2f}" if c else "-"]
+            cells += [f"{c['logged_p10_ms']:.2f} / {c['paused_p10_ms']:.2f}" if c else "-"] if kind == "decode" else []
+            cells += [
                       f"{c['diff_ms']:+.3f} +- {2 * c['se_ms']:.3f}" if c else "-"]
         cost, se = overhead(r)
         lines.append(" | ".join([
@@ -194,14 +210,21 @@ def table(results: list[dict]) -> str:
 
 
 def pooled(results: list[dict]) -> str:
-    """Per mode, the rounds' costs per generation weighted by their inverse variance."""
+    """Per mode, the rounds' costs per generation and per decode step, weighted by their
+    inverse variance."""
+    def weighted(values):
+        weights = [1 / se**2 for _, se in values]
+        return sum(w * v for w, (v, _) in zip(weights, values)) / sum(weights), sum(weights) ** -0.5
+
     parts = []
     for mode in dict.fromkeys(r["mode"] for r in results):
-        costs = [overhead(r) for r in results if r["mode"] == mode]
-        weights = [1 / se**2 for _, se in costs]
-        mean = sum(w * c for w, (c, _) in zip(weights, costs)) / sum(weights)
-        parts.append(f"{mode} {mean:+.2%} +- {2 / sum(weights) ** 0.5:.2%} ({len(costs)} processes)")
-    return "Cost of logging per generation, pooled over rounds (inverse-variance weighted): " + "; ".join(parts) + "."
+        runs = [r for r in results if r["mode"] == mode]
+        cost, se = weighted([overhead(r) for r in runs])
+        decode = [step_costs(r)["decode"] for r in runs]
+        step, step_se = weighted([(c["diff_ms"] / c["paused_ms"], c["se_ms"] / c["paused_ms"]) for c in decode])
+        parts.append(f"{mode} {cost:+.2%} +- {2 * se:.2%} per generation, {step:+.2%} +- {2 * step_se:.2%} "
+                     f"per decode step ({len(runs)} processes)")
+    return "Cost of logging, pooled over rounds (inverse-variance weighted): " + "; ".join(parts) + "."
 
 
 def report(args) -> None:
