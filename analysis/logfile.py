@@ -1,7 +1,7 @@
 """Reads a route log (VLLM_LOG_MOE JSONL) in chunks into an expert-load table.
 
-Memory stays bounded by the chunk size plus 8 bytes per distinct routed key (for
-de-duplication), whatever the log's size. The load table has one row per
+Memory stays bounded by the chunk size plus 32 MiB and 8 bytes per distinct routed key
+(for de-duplication, seen_keys.py), whatever the log's size. The load table has one row per
 (layer, phase, expert): how often the expert was chosen and its summed gate weight.
 """
 
@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from analysis.aggregates import WINDOW, Aggregates
+from analysis.seen_keys import SeenKeys
 from analysis.tokens import TokenCounts
 
 SCHEMA_VERSIONS = {1}
@@ -141,7 +142,7 @@ class _Reader:
         self.weight = np.zeros(shape, np.float64)
         self.tokens = np.zeros(shape[:2], np.int64)
         self.prompt_len: dict[str, int] = {}
-        self.seen = np.empty(0, np.uint64)  # sorted keys of every route counted so far
+        self.seen = SeenKeys()  # every route key counted so far
         self.line = 1  # lines consumed so far
         self.log = RouteLog(meta, pd.DataFrame(), pd.DataFrame())
 
@@ -242,19 +243,7 @@ class _Reader:
         sample = sample.fill_null(0).to_numpy().astype(np.uint64)
         key = req ^ (token_idx.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
         key ^= (layer.astype(np.uint64) << np.uint64(48)) ^ (sample << np.uint64(40))
-        order = np.argsort(key, kind="stable")  # radix sort for integers
-        ordered = key[order]
-        first = np.ones(len(key), bool)
-        first[1:] = ordered[1:] != ordered[:-1]
-        if len(self.seen):
-            at = np.minimum(np.searchsorted(self.seen, ordered), len(self.seen) - 1)
-            first &= self.seen[at] != ordered
-        fresh_sorted = first
-        new = ordered[fresh_sorted]  # sorted, and none of them in seen: merged in one pass
-        self.seen = np.insert(self.seen, np.searchsorted(self.seen, new), new)
-        fresh = np.empty(len(key), bool)
-        fresh[order] = fresh_sorted
-        return fresh
+        return self.seen.add_new(key)
 
     def _phases(self, names, row_req, token_idx, cached) -> np.ndarray:
         """0 prompt, 1 generated, 2 unknown (no 'request' record seen for the id),

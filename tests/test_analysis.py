@@ -9,6 +9,7 @@ import pytest
 
 from analysis import plot, report, stats
 from analysis.logfile import LogFormatError, read_log
+from analysis.seen_keys import SeenKeys
 from analysis.metrics import (analysis_note, coactivation, confidence_stats, expert_shares, layer_stats,
                               load_over_time, model_title, token_specialisation, top_pairs)
 
@@ -265,3 +266,20 @@ def test_titles_name_the_model_as_served_and_say_when_weights_were_random():
     assert model_title({"model_id": "/tmp/kit/models/qwen", "served_model_name": "/tmp/kit/models/qwen",
                         "load_format": "auto"}) == "models/qwen"
     assert model_title({"layers_logged": [0], "top_k": 2}) == "unnamed model"
+
+
+def test_seen_keys_tell_new_keys_exactly_across_chunks():
+    """Against a Python set: repeats within a chunk, across chunks, and keys that share
+    their top bits with an earlier one (the bitmap cannot tell those apart)."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, 4000, dtype=np.uint64)
+    pool = np.concatenate([base, base ^ np.uint64(1), base ^ np.uint64(1 << 20)])
+    seen, reference = SeenKeys(), set()
+    for _ in range(12):  # enough chunks for runs to merge
+        chunk = rng.choice(pool, 1500)
+        expected = []
+        for key in chunk.tolist():
+            expected.append(key not in reference)
+            reference.add(key)
+        assert seen.add_new(chunk).tolist() == expected
+    assert len(seen) == len(reference) and len(seen.runs) < 6
