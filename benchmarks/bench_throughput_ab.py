@@ -12,16 +12,16 @@ minutes a device call allows. The spread is slow (seconds), so it is cancelled b
 alternating at the scale of steps (~75 ms): hook_timer/sitecustomize.py skips the
 logger's end_forward (the rows' copies to the host and everything after) in every
 other block of --block steps, and records when each step began and how many tokens it
-scheduled. A step's time is the time to the next step's begin; the cost of logging is
-the mean time of logged steps minus that of paused ones, compared within each kind of
-step (decode: one token per request; prefill: the rest), with its standard error.
-Spill-over between a block's last step and the next one's first dilutes the difference
-by at most 1/--block.
+scheduled. A step's time is the time to the next step's begin; the cost of logging a
+step is fitted per kind of step (decode: one token per request; prefill: the rest) with
+what the step is and when it ran taken out (step_costs), with its standard error.
+Spill-over between a block's last step and the next one's first dilutes the cost by at
+most 1/--block.
 
 What a paused step still pays: begin_step (request admission and ends, timed
 separately: ~0.2 ms per step on average), the capture copies inside the CUDA graphs
 (bench_capture_copies.py) and the writer process. Mode "off" runs the same alternation
-with no log: its difference is the measurement's own noise floor.
+with no log: its cost is the measurement's own error.
 """
 
 import argparse
