@@ -70,5 +70,4 @@ def test_the_estimate_recovers_the_cost_of_a_logged_step(cost_ms):
         assert abs(kind["diff_ms"] - cost_ms) < 3 * kind["se_ms"] + 0.05
     assert costs["decode"]["se_ms"] < 1.0  # the drift (30% between generations) is taken out
     cost, se = ab.overhead(synthetic(cost_ms))
-    assert abs(cost - cost_ms * 59 / sum(
-        c["per_generation"] * c["paused_ms"] for c in costs.values())) < 3 * se + 1e-3
+    assert abs(cost - cost_ms / costs["decode"]["paused_ms"]) < 3 * se
