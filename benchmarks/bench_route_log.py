@@ -176,30 +176,16 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(args) -> None:
-    markdown_section.report(args.files, table, args.write, args.section)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "child"):
-        p = sub.add_parser(name)
-        p.add_argument("--model", type=Path, default=SHARED / "models" / "qwen1.5-moe-a2.7b-chat")
-        p.add_argument("--data", type=Path, default=SHARED / "data" / "gsm8k_test_first25.jsonl")
-        p.add_argument("--repeats", type=int, default=8)
-        p.add_argument("--out", required=True)
-        p.add_argument("--round", type=int, default=0)
-        p.add_argument("--mode", choices=list(MODES))
-        p.add_argument("--modes", default=",".join(MODES), help="comma list of MODES to run")
-        p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
-    markdown_section.add_report_command(sub, "gpu")
-    args = parser.parse_args()
-    if args.command == "child":
-        Path(args.out).write_text(json.dumps(child(args)))
-    else:
-        {"run": run, "report": report}[args.command](args)
+def options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=SHARED / "models" / "qwen1.5-moe-a2.7b-chat")
+    p.add_argument("--data", type=Path, default=SHARED / "data" / "gsm8k_test_first25.jsonl")
+    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--out", required=True)
+    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--mode", choices=list(MODES))
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of MODES to run")
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
 
 
 if __name__ == "__main__":
-    main()
+    markdown_section.main(__doc__, options, child, run, table, "gpu")

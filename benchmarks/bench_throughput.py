@@ -295,10 +295,6 @@ def per_step_ms(times: dict) -> float:
     return sum(t[1] for t in times.values()) / times["end_forward"][0] * 1e3
 
 
-def report(args) -> None:
-    markdown_section.report(args.files, table, args.write, args.section)
-
-
 def add_workload_options(p: argparse.ArgumentParser) -> None:
     """The workload and the process's place in the run, shared with bench_throughput_ab.py."""
     p.add_argument("--model", type=Path, default=SHARED / "models" / "qwen1.5-moe-a2.7b-chat")
@@ -314,24 +310,14 @@ def add_workload_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-round", type=int, default=0, help="rotation of the first round")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "child"):
-        p = sub.add_parser(name)
-        add_workload_options(p)
-        p.add_argument("--repeats", type=int, default=3)
-        p.add_argument("--warmup", type=int, help="prompts in the warm-up generation (default: all)")
-        p.add_argument("--modes", default="off,layer0,all", help="off, layer0, all, layers=SPEC")
-        p.add_argument("--rounds", type=int, default=3)
-        p.add_argument("--time-hooks", action="store_true", help="time the logger's calls in the engine")
-    markdown_section.add_report_command(sub, "throughput")
-    args = parser.parse_args()
-    if args.command == "child":
-        Path(args.out).write_text(json.dumps(child(args)))
-    else:
-        {"run": run, "report": report}[args.command](args)
+def options(p: argparse.ArgumentParser) -> None:
+    add_workload_options(p)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, help="prompts in the warm-up generation (default: all)")
+    p.add_argument("--modes", default="off,layer0,all", help="off, layer0, all, layers=SPEC")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--time-hooks", action="store_true", help="time the logger's calls in the engine")
 
 
 if __name__ == "__main__":
-    main()
+    markdown_section.main(__doc__, options, child, run, table, "throughput")

@@ -219,27 +219,13 @@ def pooled(results: list[dict]) -> str:
     return "Cost of logging a decode step, pooled over rounds (inverse-variance weighted): " + "; ".join(parts) + "."
 
 
-def report(args) -> None:
-    markdown_section.report(args.files, table, args.write, args.section)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "child"):
-        p = sub.add_parser(name)
-        tp.add_workload_options(p)
-        p.add_argument("--generations", type=int, default=6, help="timed generations per process")
-        p.add_argument("--block", type=int, default=8, help="steps per logged or paused block")
-        p.add_argument("--rounds", type=int, default=1)
-        p.add_argument("--modes", default="off,layer0,all", help="off, layer0, all, layers=SPEC")
-    markdown_section.add_report_command(sub, "throughput-ab")
-    args = parser.parse_args()
-    if args.command == "child":
-        Path(args.out).write_text(json.dumps(child(args)))
-    else:
-        {"run": run, "report": report}[args.command](args)
+def options(p: argparse.ArgumentParser) -> None:
+    tp.add_workload_options(p)
+    p.add_argument("--generations", type=int, default=6, help="timed generations per process")
+    p.add_argument("--block", type=int, default=8, help="steps per logged or paused block")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--modes", default="off,layer0,all", help="off, layer0, all, layers=SPEC")
 
 
 if __name__ == "__main__":
-    main()
+    markdown_section.main(__doc__, options, child, run, table, "throughput-ab")

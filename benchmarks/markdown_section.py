@@ -1,5 +1,7 @@
-"""The benchmarks' tables go into BENCHMARKS.md between <!-- bench:NAME:begin/end --> marks."""
+"""The benchmarks' tables go into BENCHMARKS.md between <!-- bench:NAME:begin/end --> marks;
+the GPU benchmarks share one command line: run (the parent), child (one process), report."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -26,3 +28,20 @@ def add_report_command(sub, section: str) -> None:
     p.add_argument("files", nargs="+")
     p.add_argument("--write", help="replace the marked section of this Markdown file")
     p.add_argument("--section", default=section, help="its marker: <!-- bench:SECTION:begin -->")
+
+
+def main(doc: str, add_options, child, run, table, section: str) -> None:
+    """``run`` and ``child`` take the options ``add_options`` adds to both; ``child``
+    returns its result, written as JSON to --out; ``report`` prints ``table``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "child"):
+        add_options(sub.add_parser(name))
+    add_report_command(sub, section)
+    args = parser.parse_args()
+    if args.command == "child":
+        Path(args.out).write_text(json.dumps(child(args)))
+    elif args.command == "run":
+        run(args)
+    else:
+        report(args.files, table, args.write, args.section)
