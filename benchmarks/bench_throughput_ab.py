@@ -106,21 +106,28 @@ def run_process(args, mode: str, rnd: int, tmp: Path) -> dict:
     return result
 
 
-def step_costs(result: dict) -> dict:
-    """Per kind of step (decode, prefill): mean step time logged and paused, in ms (raw),
-    the cost of logging a step in ms with its standard error, and how many steps of the
-    kind a generation has. The cost comes from a least-squares fit of log step time on
-    what the step is (its index in the generation: the batch and its schedule repeat),
-    when it ran (its segment: one logged and one paused block of its generation, ~1 s) and whether it was
-    logged (per kind): a step is compared with the same step elsewhere and with its
-    neighbours in time, so neither the mix of steps nor a slow drift weighs on it."""
+def step_rows(result: dict) -> list[tuple]:
+    """(kind, paused, index in its generation, segment, ms) of every timed step but each
+    generation's last, whose end the trace does not hold."""
     steps, segment = result["steps"], 2 * result["block"]
-    rows = []  # kind, paused, index in its generation, segment, ms
+    rows = []
     for g, (t0, t1) in enumerate(result["windows"]):
         inside = [n for n, s in enumerate(steps) if t0 <= s[0] <= t1]
         for k, (n, after) in enumerate(zip(inside, inside[1:])):
             kind = "decode" if steps[n][1] <= result["requests"] else "prefill"
             rows.append((kind, steps[n][2], k, (g, n // segment), (steps[after][0] - steps[n][0]) * 1e3))
+    return rows
+
+
+def step_costs(result: dict) -> dict:
+    """Per kind of step (decode, prefill): mean step time logged and paused, in ms (raw),
+    the cost of logging a step in ms with its standard error, and how many steps of the
+    kind a generation has. The cost comes from a least-squares fit of log step time on
+    what the step is (its index in the generation: the batch and its schedule repeat),
+    when it ran (its segment: one logged and one paused block of its generation, ~1 s)
+    and whether it was logged (per kind): a step is compared with the same step elsewhere and with its
+    neighbours in time, so neither the mix of steps nor a slow drift weighs on it."""
+    rows = step_rows(result)
     kinds = sorted({r[0] for r in rows})
     columns = {("logged", kind): i for i, kind in enumerate(kinds)}
     for key in sorted({("index", r[2]) for r in rows}) + sorted({("segment", r[3]) for r in rows})[1:]:
