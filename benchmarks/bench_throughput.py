@@ -136,6 +136,12 @@ def engine_rss_mb() -> dict:
     return peaks
 
 
+def last_line(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 8192))
+        return f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+
+
 def check_log(path: Path, expected: int) -> dict:
     """Counts route lines without parsing them (the GPU image has no pandas); a match
     may straddle two chunks, so each chunk is read after the last bytes of the one before."""
@@ -146,8 +152,7 @@ def check_log(path: Path, expected: int) -> dict:
             data = carry + chunk
             routes += data.count(mark)
             carry = data[-(len(mark) - 1):]
-        f.seek(max(0, f.seek(0, 2) - 8192))
-        last = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    last = last_line(path)
     end = json.loads(last) if last.startswith(b'{"type":"end"') else None
     return {"route_records": routes, "expected_records": expected,
             "complete": routes == expected and end is not None and end["final"],

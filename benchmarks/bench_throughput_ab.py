@@ -96,9 +96,7 @@ def run_process(args, mode: str, rnd: int, tmp: Path) -> dict:
     traces = [p.read_bytes() for p in hooks.glob("*.steps")]
     result["steps"] = [list(s) for s in STEP.iter_unpack(max(traces, key=len))]  # the engine's
     if log.exists():
-        with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 8192))
-            result["log_end"] = json.loads(f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1])
+        result["log_end"] = json.loads(tp.last_line(log))
         log.unlink()
     kinds = step_costs(result)
     print(f"[bench] {mode}: " + "; ".join(f"{k} {c['logged_ms']:.2f} vs {c['paused_ms']:.2f} ms "
