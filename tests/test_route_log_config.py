@@ -35,6 +35,8 @@ def test_defaults_and_off(tmp_path):
     assert config == RouteLogConfig(str(tmp_path / "r.jsonl"), (0,), None)
     sized = RouteLogConfig.from_env({"VLLM_LOG_MOE": str(tmp_path / "r.jsonl"), "VLLM_LOG_MOE_BUFFER_MB": "64"})
     assert sized.buffer_mb == 64
+    assert RouteLogConfig.from_env({"VLLM_LOG_MOE": str(tmp_path / "r.parquet")}).format == "parquet"
+    assert RouteLogConfig.from_env({"VLLM_LOG_MOE": str(tmp_path / "r"), "VLLM_LOG_MOE_FORMAT": "Parquet"}).format == "parquet"
 
 
 def test_relative_path_is_made_absolute(tmp_path, monkeypatch):
@@ -55,14 +57,20 @@ def test_relative_path_is_made_absolute(tmp_path, monkeypatch):
         ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_BUFFER_MB": "x"}, "expected a whole number of MiB"),
         ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_MAX_PENDING_STEPS": "64"},
          "unknown variable(s) VLLM_LOG_MOE_MAX_PENDING_STEPS"),
+        ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_FORMAT": "csv"},
+         "VLLM_LOG_MOE_FORMAT='csv': expected one of jsonl, parquet"),
+        ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_FORMAT": "parquet"}, None),
     ],
 )
 def test_bad_settings(tmp_path, env, message):
     env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    if message is None:  # a file where a parquet log's directory goes
+        (tmp_path / "r.jsonl").write_text("")
+        message = "VLLM_LOG_MOE='%s/r.jsonl' is a file; expected a directory" % tmp_path
     with pytest.raises(RouteLogError) as e:
         RouteLogConfig.from_env(env)
     assert message in str(e.value)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["r.jsonl"])
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")

@@ -145,7 +145,7 @@ def test_writer_life_cycle(tmp_path):
     logger.close()
     lines = lines_of(path)
     assert lines[0] == {"type": "meta", "schema": 1, "layers_logged": LAYERS, "top_k": TOP_K,
-                        "buffer_bytes": 16 << 20}
+                        "buffer_bytes": 16 << 20, "format": "jsonl"}
     routes = [r for r in lines if r["type"] == "route"]
     assert [(r["req_id"], r["token_idx"], r["layer"]) for r in routes[:3]] == [("a", 0, 0), ("a", 0, 5), ("a", 0, 23)]
     assert len(routes) == (5 + 3 + 2 + 1) * 3

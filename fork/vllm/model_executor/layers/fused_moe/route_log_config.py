@@ -2,6 +2,7 @@
 """Settings of the MoE route log (route_logger.py), read from the environment in
 one place and checked with a message that names the variable and what it accepts."""
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -9,7 +10,12 @@ from dataclasses import dataclass
 ENV_PATH = "VLLM_LOG_MOE"
 ENV_LAYERS = "VLLM_LOG_MOE_LAYERS"
 ENV_BUFFER = "VLLM_LOG_MOE_BUFFER_MB"
-KNOWN_ENV = (ENV_PATH, ENV_LAYERS, ENV_BUFFER)
+ENV_FORMAT = "VLLM_LOG_MOE_FORMAT"
+KNOWN_ENV = (ENV_PATH, ENV_LAYERS, ENV_BUFFER, ENV_FORMAT)
+FORMATS = ("jsonl", "parquet")
+PARQUET_RECORDS, PARQUET_ROUTES = "records.jsonl", "routes"  # in a parquet log's directory
+PART_ROWS = 1 << 20  # a parquet part closes at this many rows, held in memory till then
+PART_SECONDS = 10.0  # or this long after its first row
 LAYERS_HELP = (
     "a decoder-layer index (0), a comma list (0,12,23), an inclusive range "
     "(0-23), a mix of these (0,4-7), or 'all'"
@@ -25,6 +31,7 @@ class RouteLogConfig:
     path: str
     layers: tuple[int, ...] | None  # None: every MoE layer
     buffer_mb: int | None  # shared memory between engine and writer; None: 16 full steps
+    format: str = "jsonl"  # "parquet": a directory of route parts (route_log_columns.py)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "RouteLogConfig | None":
@@ -42,11 +49,32 @@ class RouteLogConfig:
                     f"{ENV_PATH}=/path/log.jsonl to turn the route log on"
                 )
             return None
+        format = _parse_format(environ.get(ENV_FORMAT), environ[ENV_PATH])
         return cls(
-            path=_check_path(environ[ENV_PATH]),
+            path=_check_path(environ[ENV_PATH], format),
             layers=parse_layers(environ.get(ENV_LAYERS, "0")),
             buffer_mb=_parse_positive(environ[ENV_BUFFER]) if ENV_BUFFER in environ else None,
+            format=format,
         )
+
+
+def records_path(path: str, format: str) -> str:
+    """The file the JSONL records go to: the log itself, or a parquet log's records.jsonl
+    (its directory made here, the route parts' beside it)."""
+    if format == "jsonl":
+        return path
+    os.makedirs(os.path.join(path, PARQUET_ROUTES), exist_ok=True)
+    return os.path.join(path, PARQUET_RECORDS)
+
+
+def format_meta(format: str) -> dict:
+    """What the meta header says of the format (route_log_columns.py for parquet)."""
+    if format == "jsonl":
+        return {"format": "jsonl"}
+    return {"format": "parquet", "routes": f"{PARQUET_ROUTES}/part-NNNNNN.parquet",
+            "part_rows": PART_ROWS, "part_seconds": PART_SECONDS,
+            "crash_loss": "a crash loses the open part: at most part_rows route records or "
+                          "part_seconds of routing; parts close whenever no request is open"}
 
 
 def parse_layers(spec: str) -> tuple[int, ...] | None:
@@ -76,14 +104,29 @@ def _parse_positive(text: str) -> int:
     return int(text)
 
 
-def _check_path(path: str) -> str:
-    expected = "expected a path to a .jsonl file in an existing, writable directory"
+def _parse_format(text: str | None, path: str) -> str:
+    """VLLM_LOG_MOE_FORMAT, or the path's suffix: .parquet chooses parquet."""
+    format = (text or "").strip().lower() or ("parquet" if path.rstrip("/").endswith(".parquet") else "jsonl")
+    if format not in FORMATS:
+        raise RouteLogError(f"{ENV_FORMAT}={text!r}: expected one of {', '.join(FORMATS)}")
+    if format == "parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise RouteLogError(f"{ENV_PATH}={path!r}: the parquet format needs pyarrow "
+                            f"(pip install pyarrow); or set {ENV_FORMAT}=jsonl")
+    return format
+
+
+def _check_path(path: str, format: str = "jsonl") -> str:
+    expected = ("expected a path to a .jsonl file in an existing, writable directory"
+                if format == "jsonl" else "expected a directory for the parquet log (created if "
+                "missing) in an existing, writable directory")
     if not path.strip():
         raise RouteLogError(f"{ENV_PATH} is empty; {expected}")
     full = os.path.abspath(path)
     parent = os.path.dirname(full)
-    if os.path.isdir(full):
+    if format == "jsonl" and os.path.isdir(full):
         raise RouteLogError(f"{ENV_PATH}={path!r} is a directory; {expected}")
+    if format == "parquet" and os.path.exists(full) and not os.path.isdir(full):
+        raise RouteLogError(f"{ENV_PATH}={path!r} is a file; {expected}")
     if not os.path.isdir(parent):
         raise RouteLogError(f"{ENV_PATH}={path!r}: directory {parent} does not exist; {expected}")
     target = full if os.path.exists(full) else parent

@@ -66,6 +66,10 @@ class Writer:
         block_size = args.get("block_size")
         self.store = BlockRoutes(block_size, len(self.layers), self.top_k) if block_size else None
         self.gap_reason = args.get("gap_reason")  # why cached positions cannot be replayed
+        self.columns = None  # the parquet log's route parts; None: routes are JSONL lines
+        if args.get("format") == "parquet":
+            from .route_log_columns import RouteColumns
+            self.columns = RouteColumns(self.path, self.layers, self.top_k, args["num_experts"])
         self.pending: list[np.ndarray] = []  # CACHED spans [n, 3] awaiting the next STEP
         self.generated: dict[int, list[np.ndarray]] = {}  # slot -> token ids fed after the prompt
         self.not_logged_ids: list[str] = []
@@ -79,9 +83,12 @@ class Writer:
             kind, payload = message
             if kind == CLOSE:
                 self.replay_cached()
+                self.roll()
                 self.write(self.end_line(final=True))
                 break
             self.handle(kind, payload)
+        else:
+            self.roll()
         self.flush()
 
     def next_message(self) -> tuple[int, bytes] | None:
@@ -139,6 +146,8 @@ class Writer:
         self.prefix[slot] = ord(" ")
         self.prefix[slot, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
         self.prefix_len[slot] = len(prefix)
+        if self.columns is not None:
+            self.columns.bind(slot, prefix)
 
     def step(self, offset: int, end: int, rows: int, num_spans: int, has_tokens: int) -> None:
         num_layers = len(self.layers)
@@ -162,8 +171,9 @@ class Writer:
             owner, row, positions = owner[shown], row[shown], positions[shown]
             if has_tokens:
                 self.keep_generated(slots, owner, positions, self.ring.array(offset + tokens_at, np.int32, rows)[row])
-            width = int(self.prefix_len[slots].max())
-            self.render(all_ids, all_weights, row, self.prefix[slots, :width][owner], positions)
+            self.render(all_ids, all_weights, row, slots[owner], positions)
+            if self.columns is not None and self.columns.due():
+                self.roll()
         except Exception as e:  # a bug must not stop the ring: the engine would wait forever
             self.fail(e)
         self.ring.release(end)
@@ -181,12 +191,34 @@ class Writer:
         for group, part in zip(owner[np.r_[0, cuts]].tolist(), np.split(tokens, cuts)):
             self.generated.setdefault(int(slots[group]), []).append(part)
 
-    def render(self, ids, weights, rows, prefixes, positions) -> None:
+    def render(self, ids, weights, rows, slots, positions, cached: bool = False) -> None:
+        """Route records of ids, weights [rows] (one per logged layer), owned by the
+        requests in ``slots`` at ``positions``."""
+        if self.columns is not None:
+            if self.error is None:
+                self.columns.add(ids[rows], weights[rows], slots, positions, cached)
+            return
+        prefixes = self.prefix[slots, : int(self.prefix_len[slots].max(initial=0))]
+        if cached:  # one slot: no padding before the mark
+            marked = np.frombuffer(b'"cached":true,', np.uint8)
+            prefixes = np.hstack([prefixes, np.broadcast_to(marked, (len(slots), len(marked)))])
         chunk = max(1, CHUNK_RECORDS // max(len(self.layers), 1))
         for c in range(0, len(rows), chunk):
             sel = rows[c : c + chunk]
             self.write(render_rows(ids[sel], weights[sel], prefixes[c : c + chunk],
                                    positions[c : c + chunk], self.layers))
+
+    def roll(self) -> None:
+        """Closes the parquet log's open part (nothing for JSONL) and names it."""
+        if self.columns is None or self.error is not None:
+            return
+        try:
+            record = self.columns.roll()
+        except Exception as e:  # as a failed write: the log stops, generation goes on
+            self.fail(e)
+            return
+        if record is not None:
+            self.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
 
     def replay_cached(self) -> None:
         """Route records, marked cached, for positions the prefix cache served: from the
@@ -198,9 +230,7 @@ class Writer:
             if self.store is not None:
                 ids, weights, known = self.store.get(slot, start, stop)
                 rows = np.flatnonzero(known)
-                marked = np.frombuffer(prefix + b'"cached":true,', np.uint8)
-                self.render(ids, weights, rows, np.broadcast_to(marked, (len(rows), len(marked))),
-                            start + rows)
+                self.render(ids, weights, rows, np.full(len(rows), slot), start + rows, cached=True)
                 self.stats["cached_route_records"] += len(rows) * len(self.layers)
                 self.stats["route_records"] += len(rows) * len(self.layers)
             for a, b in _runs(np.flatnonzero(~known)):
@@ -229,6 +259,7 @@ class Writer:
         """Flushes; with no request open, ends the file with a provisional 'end'."""
         try:
             if self.stats["requests"] == self.stats["requests_ended"] and self.error is None:
+                self.roll()
                 self.cut_provisional()
                 offset = self.file.tell()
                 self.file.write(self.end_line(final=False))
@@ -246,6 +277,7 @@ class Writer:
                   "requests_not_logged_ids": self.not_logged_ids,
                   "writer_max_rss_mb": _peak_rss_mb(),
                   "block_store_bytes": self.store.nbytes if self.store else 0,
+                  **({"route_parts": self.columns.parts} if self.columns else {}),
                   "write_error": self.error, "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 

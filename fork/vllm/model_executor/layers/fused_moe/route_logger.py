@@ -58,6 +58,8 @@ from vllm.model_executor.layers.fused_moe.route_log_config import (
     RouteLogConfig,
     RouteLogError,
     WriterLayout,
+    format_meta,
+    records_path,
 )
 from vllm.model_executor.layers.fused_moe.route_log_layers import moe_routers, select_layers
 from vllm.model_executor.layers.fused_moe.route_log_meta import block_store_settings, route_log_meta
@@ -96,8 +98,8 @@ class RouteLogger:
         self.held: HeldStep | None = None  # a step awaiting end_sample
         step_max = step_layout(max_rows, max_rows, len(layers), top_k)[-1]
         capacity = _buffer_bytes(config, step_max)
-        meta = {**meta, "buffer_bytes": capacity}
-        with open(path, "ab") as log:  # truncated only once the lock is held
+        meta = {**meta, "buffer_bytes": capacity, **format_meta(config.format)}
+        with open(records_path(path, config.format), "ab") as log:  # truncated once locked
             try:
                 fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -106,7 +108,8 @@ class RouteLogger:
             log.write(json.dumps(meta, separators=(",", ":")).encode() + b"\n")
             log.flush()
             self.channel = RouteLogChannel(capacity, log.fileno(), {
-                "path": path, "layers": layers, "top_k": top_k, **(self.block_store or {})})
+                "path": path, "layers": layers, "top_k": top_k, "format": config.format,
+                "num_experts": meta.get("num_experts", 1 << 15), **(self.block_store or {})})
         self.ring = torch.frombuffer(self.channel.ring, dtype=torch.uint8)
         if device.type == "cuda":  # pinned, so that device copies into it are asynchronous
             error = torch.cuda.cudart().cudaHostRegister(self.ring.data_ptr(), self.ring.numel(), 0)
