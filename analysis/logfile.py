@@ -100,24 +100,42 @@ def _exit_with(message: str) -> None:
 
 def read_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: int = WINDOW,
              token_layers: list[int] | None = None) -> RouteLog:
-    """``token_layers``: layers whose token specialisation is counted (default: the first)."""
+    """A JSONL log, or a parquet log's directory (analysis.parquet_log).
+    ``token_layers``: layers whose token specialisation is counted (default: the first)."""
+    if Path(path).is_dir():
+        from analysis.parquet_log import read_parquet_log
+        return read_parquet_log(path, chunk_bytes, window, token_layers)
     with open(path, "rb") as f:
-        meta = read_meta(f.readline())
-        reader = _Reader(meta, window, token_layers)
-        tail = b""
-        while chunk := f.read(chunk_bytes):
-            block = tail + chunk if tail else chunk
-            cut = block.rfind(b"\n") + 1
-            tail = block[cut:]
-            if cut:
-                reader.add(block, cut)
-    return reader.result(tail)
+        reader = _Reader(read_meta(f.readline()), window, token_layers)
+        return reader.result(feed_lines(f, reader, chunk_bytes))
+
+
+def feed_lines(f, reader: "_Reader", chunk_bytes: int) -> bytes:
+    """Gives the reader every complete line after the meta line; returns an unfinished last one."""
+    tail = b""
+    while chunk := f.read(chunk_bytes):
+        block = tail + chunk if tail else chunk
+        cut = block.rfind(b"\n") + 1
+        tail = block[cut:]
+        if cut:
+            reader.add(block, cut)
+    return tail
 
 
 def _parse(block: bytes, cut: int) -> pa.Table:
     """The lines of ``block[:cut]``, read in place (a chunk is not copied)."""
     return pajson.read_json(pa.BufferReader(pa.py_buffer(block).slice(0, cut)), parse_options=pajson.ParseOptions(
         explicit_schema=COLUMNS, unexpected_field_behavior="ignore"))
+
+
+def parse_block(block: bytes, cut: int) -> pa.Table:
+    """The lines of ``block[:cut]``; a req_id written as a number is read as its
+    decimal string. Raises pa.ArrowInvalid or ValueError for lines it cannot read."""
+    try:
+        return _parse(block, cut)
+    except (pa.ArrowInvalid, ValueError):
+        fixed = NUMERIC_REQ_ID.sub(rb'"req_id":"\1"', block[:cut])
+        return _parse(fixed, len(fixed))
 
 
 def _records(table: pa.Table, rows: np.ndarray) -> list[dict]:
@@ -145,18 +163,17 @@ class _Reader:
         self.seen = SeenKeys()  # every route key counted so far
         self.line = 1  # lines consumed so far
         self.log = RouteLog(meta, pd.DataFrame(), pd.DataFrame())
+        # Set, request_end records wait for end_requests (their routes come later).
+        self.deferred_ends: list[dict] | None = None
+        self.parts: list[dict] = []  # a parquet log's 'part' records
 
     def add(self, block: bytes, cut: int) -> None:
         """The complete lines ``block[:cut]``."""
         lines = block.count(b"\n", 0, cut)
         try:
-            table = _parse(block, cut)
+            table = parse_block(block, cut)
         except (pa.ArrowInvalid, ValueError):
-            try:  # req_id written as a number: read it as its decimal string
-                fixed = NUMERIC_REQ_ID.sub(rb'"req_id":"\1"', block[:cut])
-                table = _parse(fixed, len(fixed))
-            except (pa.ArrowInvalid, ValueError):
-                raise self._locate_bad_line(block[:cut]) from None
+            raise self._locate_bad_line(block[:cut]) from None
         if table.num_rows != lines:
             raise self._locate_bad_line(block[:cut])
         kind = table["type"].to_numpy(zero_copy_only=False)
@@ -175,14 +192,24 @@ class _Reader:
             self.token_counts.request(record)
         routes = table.filter(pc.equal(table["type"], "route"))
         if routes.num_rows:
-            self._routes(routes, np.flatnonzero(kind == "route"))
-        for record in _records(table, ended):  # after the routes they close
-            self.token_counts.request_end(record)
+            rows = np.flatnonzero(kind == "route")
+            self.routes(routes, lambda i: f"line {self.line + rows[i] + 1}")
+        ends = _records(table, ended)
+        if self.deferred_ends is None:
+            self.end_requests(ends)  # after the routes they close
+        else:
+            self.deferred_ends += ends
         self.line += lines
+
+    def end_requests(self, records: list[dict]) -> None:
+        for record in records:
+            self.token_counts.request_end(record)
 
     def _other(self, kind: str, line: bytes) -> None:
         if kind == "end":
             self.log.end = json.loads(line)
+        elif kind == "part":
+            self.parts.append(json.loads(line))
         elif kind == "gap":
             gap = json.loads(line)
             layers = len(gap.get("layers", self.layers))
@@ -190,27 +217,31 @@ class _Reader:
         elif kind != "meta":
             self.log.unknown_types[kind] = self.log.unknown_types.get(kind, 0) + 1
 
-    def _routes(self, routes: pa.Table, rows: np.ndarray) -> None:
+    def routes(self, routes: pa.Table, where, decimals: int | None = None) -> None:
+        """Route records: ``where(i)`` names record i's place in the log for errors;
+        ``decimals``: weights rounded as the JSONL writer rounds them."""
         for name in ("req_id", "token_idx", "layer", "topk_ids", "topk_weights"):
             if routes[name].null_count:
-                bad = rows[np.flatnonzero(routes[name].is_null().to_numpy(zero_copy_only=False))[0]]
-                raise LogFormatError(f"line {self.line + bad + 1}: route record without {name}")
+                bad = np.flatnonzero(routes[name].is_null().to_numpy(zero_copy_only=False))[0]
+                raise LogFormatError(f"{where(bad)}: route record without {name}")
         sizes = pc.list_value_length(routes["topk_ids"]).to_numpy()
         wsizes = pc.list_value_length(routes["topk_weights"]).to_numpy()
         if (sizes != self.top_k).any() or (wsizes != self.top_k).any():
-            bad = rows[np.flatnonzero((sizes != self.top_k) | (wsizes != self.top_k))[0]]
-            raise LogFormatError(f"line {self.line + bad + 1}: expected top_k={self.top_k} ids and weights")
+            bad = np.flatnonzero((sizes != self.top_k) | (wsizes != self.top_k))[0]
+            raise LogFormatError(f"{where(bad)}: expected top_k={self.top_k} ids and weights")
         layer = routes["layer"].to_numpy()
         slot = np.searchsorted(self.layers, layer)
         slot_ok = (slot < len(self.layers)) & (np.asarray(self.layers)[np.minimum(slot, len(self.layers) - 1)] == layer)
-        ids = pc.list_flatten(routes["topk_ids"]).to_numpy().reshape(-1, self.top_k)
+        ids = pc.list_flatten(routes["topk_ids"]).to_numpy().reshape(-1, self.top_k).astype(np.int64, copy=False)
         if self.inferred and ids.size and ids.max() >= self.num_experts:
             self._grow(int(ids.max()) + 1)
         ok = slot_ok & (ids >= 0).all(1) & (ids < self.num_experts).all(1)
         if not ok.all():
-            bad = rows[np.flatnonzero(~ok)[0]]
-            raise LogFormatError(f"line {self.line + bad + 1}: layer or expert id outside the meta header's")
+            bad = np.flatnonzero(~ok)[0]
+            raise LogFormatError(f"{where(bad)}: layer or expert id outside the meta header's")
         weights = pc.list_flatten(routes["topk_weights"]).to_numpy(zero_copy_only=False).reshape(-1, self.top_k)
+        if decimals is not None:
+            weights = np.rint(weights.astype(np.float64) * 10**decimals) / 10**decimals
         token_idx = routes["token_idx"].to_numpy()
         # A chunk holds few distinct requests: work on their ids, then index per row.
         encoded = pc.dictionary_encode(routes["req_id"]).combine_chunks()

@@ -1,0 +1,136 @@
+"""The parquet route log (VLLM_LOG_MOE_FORMAT=parquet): the same records as JSONL, read
+with the same numbers by our analysis and by DuckDB, converted both ways without loss,
+and readable up to its last closed part after the writer is killed."""
+
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from analysis import stats
+from analysis.convert import convert
+from analysis.logfile import read_log
+from analysis.parquet_log import part_files
+from conftest import run_engine, wait_until
+from route_checks import check_against_oracle, check_token_ids, top2_spec, with_repeated_prompt
+from test_route_log_writer import LAYERS, cached_reqs, make_logger, new_request, step
+
+
+def request(name, prompt_len, cached, blocks, sample=None):
+    engine_id = f"{name}-0123abcd" if sample is None else f"{sample}_{name}-0123abcd"
+    return SimpleNamespace(**vars(new_request(name, prompt_len, cached)) | {"req_id": engine_id},
+                           block_ids=(blocks,))
+
+
+def scripted_run(path: Path) -> None:
+    """Block size 4: two samples of one request, a prefix-cache hit replayed, one that
+    no forward computed (a 'gap'), and a request still open at close."""
+    logger = make_logger(path, block_store={"block_size": 4})
+    step(logger, new=[request("a", 10, 0, [3, 7]), request("p", 3, 0, [1], 0), request("p", 3, 0, [2], 1)],
+         batch=[("a", 0, 8), ("0_p", 0, 3), ("1_p", 0, 3)], value=1)
+    step(logger, batch=[("a", 8, 2), ("0_p", 3, 1), ("1_p", 3, 1)], value=2, cached=cached_reqs(a=([8],)))
+    step(logger, new=[request("b", 10, 8, [3, 7, 4]), request("e", 6, 4, [6, 10])],
+         finished=["0_p", "1_p"], batch=[("b", 8, 2), ("e", 4, 2)], value=3)
+    logger.close()
+
+
+@pytest.fixture
+def twins(tmp_path):
+    """One scripted run written as JSONL and as parquet."""
+    scripted_run(tmp_path / "log.jsonl")
+    scripted_run(tmp_path / "log.parquet")
+    return tmp_path / "log.jsonl", tmp_path / "log.parquet"
+
+
+def routes_of(path: Path) -> dict:
+    """{(req_id, sample, token_idx, layer): (ids, weights, cached)} of a JSONL log."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    routes = {(r["req_id"], r.get("sample"), r["token_idx"], r["layer"]):
+              (r["topk_ids"], r["topk_weights"], r.get("cached", False)) for r in lines if r["type"] == "route"}
+    assert len(routes) == sum(r["type"] == "route" for r in lines)
+    return routes
+
+
+def test_both_forms_of_one_run_give_the_same_analysis(twins):
+    jsonl, parquet = (read_log(path) for path in twins)
+    assert (parquet.records, parquet.gap_records, parquet.requests) == (jsonl.records, 4 * 3, 4)
+    assert parquet.end["route_parts"] == 1 and parquet.end["route_records"] == jsonl.records
+    for frame in ("loads", "tokens", "pairs", "confidence", "windows", "token_counts"):
+        assert getattr(parquet, frame).equals(getattr(jsonl, frame)), frame
+    assert stats.report(parquet, LAYERS, weighted=True) == stats.report(jsonl, LAYERS, weighted=True)
+    table = pq.read_table(twins[1] / "routes")
+    assert str(table.schema.field("topk_ids").type) == "list<element: int16>"  # no num_experts in the header
+    assert set(table["sample"].to_pylist()) == {None, 0, 1}
+    assert sum(table["cached"].to_pylist()) == 8 * 3
+
+
+def test_convert_loses_nothing_either_way(twins, tmp_path):
+    jsonl, parquet = twins
+    convert(jsonl, tmp_path / "converted.parquet")
+    convert(tmp_path / "converted.parquet", tmp_path / "round_trip.jsonl")
+    convert(parquet, tmp_path / "from_parquet.jsonl")
+    original = routes_of(jsonl)
+    assert routes_of(tmp_path / "round_trip.jsonl") == original == routes_of(tmp_path / "from_parquet.jsonl")
+    assert read_log(tmp_path / "converted.parquet").loads.equals(read_log(jsonl).loads)
+
+
+def test_float32_holds_the_weight_behind_every_9_decimal_text():
+    """Why JSONL -> parquet is lossless: the writer's text of a float32 weight, read
+    back as float32, is the same weight (weights above 1 and tiny ones included)."""
+    weights = 4 * np.random.default_rng(0).random(200_000, dtype=np.float32) ** 6
+    text = [f"{float(w):.9f}" for w in weights]
+    assert all(f"{float(np.float32(t)):.9f}" == t for t in text)
+
+
+def test_duckdb_reads_the_parts_with_the_same_histogram(twins):
+    _, parquet = twins
+    load = read_log(parquet).loads.groupby(["layer", "expert"])["count"].sum()
+    sql = duckdb.sql(f"""
+        SELECT layer, expert, count(*) AS n
+        FROM (SELECT layer, unnest(topk_ids) AS expert FROM read_parquet('{parquet}/routes/*.parquet'))
+        GROUP BY ALL ORDER BY ALL""").fetchall()
+    assert {(layer, expert): n for layer, expert, n in sql} == {k: v for k, v in load.items() if v}
+
+
+def test_a_killed_writer_leaves_every_closed_part_readable(tmp_path):
+    """A part closes whenever no request is open; the open part dies with the writer,
+    and the reader says where the routes stop."""
+    path = tmp_path / "log.parquet"
+    logger = make_logger(path)
+    step(logger, new=[new_request("a")], batch=[("a", 0, 5)])
+    step(logger, finished=["a"])
+    wait_until(lambda: len(part_files(path)) == 1, 30, "the first part to close")
+    step(logger, new=[new_request("b")], batch=[("b", 0, 5)])
+    wait_until(lambda: b'"req_id":"b"' in (path / "records.jsonl").read_bytes(), 30, "b's request record")
+    (path / "routes" / ".part-000001.parquet.tmp").write_bytes(b"PAR1 half a file")
+    os.kill(logger.channel.proc.pid, signal.SIGKILL)
+    logger.channel.proc.wait()
+    logger.close()
+    log = read_log(path)
+    assert log.end is None and log.records == 5 * 3 and log.requests == 2
+    assert any("routes end with the last closed part" in note for note in log.notes)
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{path}/routes/*.parquet')").fetchall() == [(15,)]
+
+
+@pytest.mark.engine
+def test_an_engine_writes_a_parquet_log_that_matches_the_oracle(models, tmp_path):
+    spec = with_repeated_prompt(top2_spec(models["top2"]))
+    log = tmp_path / "routes.parquet"
+    run = run_engine(tmp_path / "on", spec, {"VLLM_LOG_MOE": str(log), "VLLM_LOG_MOE_LAYERS": "all"})
+    assert run.returncode == 0, run.output[-3000:]
+    meta = json.loads((log / "records.jsonl").read_text().splitlines()[0])
+    assert meta["format"] == "parquet"
+    assert str(pq.read_schema(part_files(log)[0]).field("topk_ids").type) == "list<element: uint8>"
+    convert(log, tmp_path / "routes.jsonl")
+    as_jsonl = dataclasses.replace(run, log=tmp_path / "routes.jsonl")
+    assert check_against_oracle(as_jsonl, models["top2"], layers=[0, 1, 2, 3])["cached"] > 0
+    check_token_ids(as_jsonl)
+    parquet, jsonl = read_log(log), read_log(tmp_path / "routes.jsonl")
+    assert stats.report(parquet, [0, 1, 2, 3], weighted=False) == stats.report(jsonl, [0, 1, 2, 3], weighted=False)
