@@ -43,8 +43,14 @@ LAYERS = {"off": None, "layer0": "0", "all": "all"}
 
 
 def mode_layers(mode: str) -> str | None:
-    """VLLM_LOG_MOE_LAYERS of a mode: off, layer0, all, or layers=SPEC."""
-    return mode.split("=", 1)[1] if mode.startswith("layers=") else LAYERS[mode]
+    """VLLM_LOG_MOE_LAYERS of a mode: off, layer0, all, or layers=SPEC (then +parquet
+    for that log format)."""
+    layers = mode.removesuffix("+parquet")
+    return layers.split("=", 1)[1] if layers.startswith("layers=") else LAYERS[layers]
+
+
+def mode_format(mode: str) -> str:
+    return "parquet" if mode.endswith("+parquet") else "jsonl"
 
 
 def prompts(args, tokenizer) -> list:

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import struct
 import subprocess
 import sys
@@ -80,12 +81,14 @@ def run(args) -> None:
 
 
 def run_process(args, mode: str, rnd: int, tmp: Path) -> dict:
-    log, hooks, out = tmp / "routes.jsonl", tmp / f"hooks-{rnd}-{mode}", tmp / "result.json"
+    log = tmp / f"routes.{tp.mode_format(mode)}"
+    hooks, out = tmp / f"hooks-{rnd}-{mode}", tmp / "result.json"
     hooks.mkdir()
     env = dict(os.environ, ROUTE_HOOK_TIMES=str(hooks), ROUTE_PAUSE_STEPS=str(args.block),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent / "hook_timer"), os.environ.get("PYTHONPATH", "")]))
     if tp.mode_layers(mode) is not None:
-        env.update(VLLM_LOG_MOE=str(log), VLLM_LOG_MOE_LAYERS=tp.mode_layers(mode))
+        env.update(VLLM_LOG_MOE=str(log), VLLM_LOG_MOE_LAYERS=tp.mode_layers(mode),
+                   VLLM_LOG_MOE_FORMAT=tp.mode_format(mode))
     cmd = [sys.executable, __file__, "child", "--mode", mode, "--out", str(out),
            f"--generations={args.generations}", f"--block={args.block}"]
     cmd += [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
@@ -96,12 +99,21 @@ def run_process(args, mode: str, rnd: int, tmp: Path) -> dict:
     traces = [p.read_bytes() for p in hooks.glob("*.steps")]
     result["steps"] = [list(s) for s in STEP.iter_unpack(max(traces, key=len))]  # the engine's
     if log.exists():
-        result["log_end"] = json.loads(tp.last_line(log))
-        log.unlink()
+        result |= log_summary(log)
+        shutil.rmtree(log) if log.is_dir() else log.unlink()
     kinds = step_costs(result)
     print(f"[bench] {mode}: " + "; ".join(f"{k} {c['logged_ms']:.2f} vs {c['paused_ms']:.2f} ms "
                                           f"({c['diff_ms']:+.3f} +- {2 * c['se_ms']:.3f})" for k, c in kinds.items()), flush=True)
     return result
+
+
+def log_summary(log: Path) -> dict:
+    """The log's closing record and size; a parquet log's parts (rows, bytes, closed_at)."""
+    if not log.is_dir():
+        return {"log_end": json.loads(tp.last_line(log)), "log_bytes": log.stat().st_size}
+    lines = (log / "records.jsonl").read_bytes().splitlines()
+    return {"log_end": json.loads(lines[-1]), "log_bytes": sum(f.stat().st_size for f in log.rglob("*") if f.is_file()),
+            "parts": [json.loads(line) for line in lines if line.startswith(b'{"type":"part"')]}
 
 
 def step_rows(result: dict) -> list[tuple]:
@@ -188,8 +200,8 @@ def table(results: list[dict]) -> str:
         "| mode | round | decode steps logged / paused | decode step logged / paused | decode p10 logged / paused "
         "| decode difference "
         "| prefill step logged / paused | prefill difference (not used) | cost per decode step | logger ms/step logged / paused "
-        "| engine waits |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| engine waits | log bytes / record | writer peak RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(results, key=lambda r: (r["mode"] != "off", r["mode"], r["round"])):
         kinds = step_costs(r)
@@ -206,11 +218,24 @@ def table(results: list[dict]) -> str:
             f"| {r['mode']}", str(r["round"]), *cells, f"{cost:+.2%} +- {2 * se:.2%}",
             f"{per_step_ms(r, '')} / {per_step_ms(r, ' paused')}",
             str(r["log_end"]["engine_waits"]) if "log_end" in r else "-",
+            f"{r['log_bytes'] / r['log_end']['route_records']:.1f}" if r.get("log_bytes") else "-",
+            str(r["log_end"]["writer_max_rss_mb"]) if "log_end" in r else "-",
         ]) + " |")
     lines += ["", pooled(results)]
+    lines += [parts_line(r) for r in results if r.get("parts")]
     same = all(r["same_tokens"] for r in results) and len({r["output_digest"] for r in results}) == 1
     lines += ["", f"Same tokens in every generation, mode and round: {'yes' if same else 'NO'}."]
     return "\n".join(lines)
+
+
+def parts_line(r: dict) -> str:
+    """What a crash could have lost: the parts' sizes and how long each stayed open."""
+    rows = [p["rows"] for p in r["parts"]]
+    closes = [time.mktime(time.strptime(p["closed_at"][:19], "%Y-%m-%dT%H:%M:%S")) for p in r["parts"]]
+    gaps = np.diff(closes) if len(closes) > 1 else np.zeros(1)
+    return (f"{r['mode']} round {r['round']}: {len(rows)} parts, {sum(rows)} route records; rows per part "
+            f"median {int(np.median(rows))}, max {max(rows)}; seconds between closes median "
+            f"{np.median(gaps):.0f}, max {gaps.max():.0f}.")
 
 
 def pooled(results: list[dict]) -> str:
