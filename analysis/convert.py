@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from analysis.logfile import CHUNK_BYTES, LogFormatError, parse_block, read_meta
+from analysis.log_format import CHUNK_BYTES, LogFormatError, parse_block, read_meta
 from analysis.parquet_log import RECORDS, ROUTES, is_parquet_log, part_files
 
 PART_ROWS = 1 << 20

@@ -1,82 +1,27 @@
-"""Reads a route log (VLLM_LOG_MOE JSONL) in chunks into an expert-load table.
+"""Reads a route log in chunks into an expert-load table: a JSONL file here, a parquet
+log's directory through parquet_log.py, both with LogReader.
 
 Memory stays bounded by the chunk size plus 32 MiB and 8 bytes per distinct routed key
 (for de-duplication, seen_keys.py), whatever the log's size. The load table has one row per
-(layer, phase, expert): how often the expert was chosen and its summed gate weight.
+(layer, phase, expert): how often the expert was chosen and its summed gate weight. A
+chunk's distinct records are counted on a second thread while the next chunk is read.
 """
 
 import json
-import re
 import sys
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pajson
 
 from analysis.aggregates import WINDOW, Aggregates
+from analysis.log_format import (CHUNK_BYTES, PHASES, TOKEN_LAYERS, LogFormatError, RouteLog, finite,
+                                 parse_block, read_meta, records_of)
 from analysis.seen_keys import SeenKeys
 from analysis.tokens import TokenCounts
-
-SCHEMA_VERSIONS = {1}
-# cached: prompt positions the prefix cache served, their routing replayed by the
-# writer ("cached": true); unknown: no 'request' record seen.
-PHASES = ("prompt", "generated", "unknown", "cached")
-CHUNK_BYTES = 64 << 20
-TOKEN_LAYERS = 4  # token specialisation: at most this many of the layers asked (dense counts)
-COLUMNS = pa.schema([
-    ("type", pa.string()), ("req_id", pa.string()), ("sample", pa.int64()),
-    ("token_idx", pa.int64()), ("layer", pa.int64()), ("topk_ids", pa.list_(pa.int64())),
-    ("topk_weights", pa.list_(pa.float64())), ("prompt_len", pa.int64()), ("cached", pa.bool_()),
-    ("prompt_token_ids", pa.list_(pa.int64())), ("generated_token_ids", pa.list_(pa.int64())),
-])
-REQUEST_FIELDS = ["req_id", "sample", "prompt_len", "prompt_token_ids", "generated_token_ids"]
-# The minimal header; schema, num_experts and the rest are optional (num_experts is then
-# inferred from the largest expert id seen).
-META_FIELDS = ("layers_logged", "top_k")
-NUMERIC_REQ_ID = re.compile(rb'"req_id"\s*:\s*(-?\d+)')
-
-
-class LogFormatError(ValueError):
-    """The log is not a route log this reader understands; says which line."""
-
-
-@dataclass
-class RouteLog:
-    meta: dict
-    loads: pd.DataFrame  # layer, phase, expert, count, weight
-    tokens: pd.DataFrame  # layer, phase, tokens (distinct routed positions)
-    requests: int = 0  # distinct caller request ids with a 'request' record
-    records: int = 0  # route lines read
-    duplicates: int = 0  # route lines whose (req_id, sample, token_idx, layer) came before
-    pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer, a, b, count (a < b)
-    confidence: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer, measure, bin_low, count
-    windows: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer, window, tokens, max_over_mean
-    unknown_types: dict = field(default_factory=dict)  # record type -> lines ignored
-    token_counts: pd.DataFrame | None = None  # layer, expert, token, count; None: no token ids
-    token_layers: list[int] = field(default_factory=list)  # the layers token_counts covers
-    gap_records: int = 0  # route records 'gap' records say are missing (positions x layers)
-    truncated_tail: bytes = b""  # an unfinished last line, e.g. after a crash
-    end: dict | None = None  # the closing record, absent if the engine did not shut down
-    notes: list[str] = field(default_factory=list)
-
-
-def read_meta(first_line: bytes) -> dict:
-    try:
-        meta = json.loads(first_line)
-    except ValueError as e:
-        raise LogFormatError(f"line 1: not JSON ({e}); a route log starts with its meta line") from None
-    if not isinstance(meta, dict) or meta.get("type") != "meta":
-        raise LogFormatError("line 1: missing meta header ({\"type\":\"meta\",...})")
-    missing = [f for f in META_FIELDS if f not in meta]
-    if missing:
-        raise LogFormatError(f"line 1: meta header lacks {', '.join(missing)}")
-    if meta.get("schema", 1) not in SCHEMA_VERSIONS:
-        raise LogFormatError(f"line 1: schema {meta['schema']} not in {sorted(SCHEMA_VERSIONS)}")
-    return meta
 
 
 def read_for_cli(path: str, layers: list[int] | None) -> tuple[RouteLog, list[int]]:
@@ -106,11 +51,11 @@ def read_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: int = WIN
         from analysis.parquet_log import read_parquet_log
         return read_parquet_log(path, chunk_bytes, window, token_layers)
     with open(path, "rb") as f:
-        reader = _Reader(read_meta(f.readline()), window, token_layers)
+        reader = LogReader(read_meta(f.readline()), window, token_layers)
         return reader.result(feed_lines(f, reader, chunk_bytes))
 
 
-def feed_lines(f, reader: "_Reader", chunk_bytes: int) -> bytes:
+def feed_lines(f, reader: "LogReader", chunk_bytes: int) -> bytes:
     """Gives the reader every complete line after the meta line; returns an unfinished last one."""
     tail = b""
     while chunk := f.read(chunk_bytes):
@@ -122,31 +67,7 @@ def feed_lines(f, reader: "_Reader", chunk_bytes: int) -> bytes:
     return tail
 
 
-def _parse(block: bytes, cut: int) -> pa.Table:
-    """The lines of ``block[:cut]``, read in place (a chunk is not copied)."""
-    return pajson.read_json(pa.BufferReader(pa.py_buffer(block).slice(0, cut)), parse_options=pajson.ParseOptions(
-        explicit_schema=COLUMNS, unexpected_field_behavior="ignore"))
-
-
-def parse_block(block: bytes, cut: int) -> pa.Table:
-    """The lines of ``block[:cut]``; a req_id written as a number is read as its
-    decimal string. Raises pa.ArrowInvalid or ValueError for lines it cannot read."""
-    try:
-        return _parse(block, cut)
-    except (pa.ArrowInvalid, ValueError):
-        fixed = NUMERIC_REQ_ID.sub(rb'"req_id":"\1"', block[:cut])
-        return _parse(fixed, len(fixed))
-
-
-def _records(table: pa.Table, rows: np.ndarray) -> list[dict]:
-    """'request' / 'request_end' rows as dicts of the fields they have."""
-    if not len(rows):
-        return []
-    picked = table.take(pa.array(rows)).select(REQUEST_FIELDS).to_pylist()
-    return [{k: v for k, v in record.items() if v is not None} for record in picked]
-
-
-class _Reader:
+class LogReader:
     def __init__(self, meta: dict, window: int, token_layers: list[int] | None):
         self.meta = meta
         self.layers = list(meta["layers_logged"])
@@ -154,6 +75,11 @@ class _Reader:
         self.num_experts = 0 if self.inferred else meta["num_experts"]
         self.top_k = meta["top_k"]
         self.agg = Aggregates(self.layers, self.num_experts, window)
+        # A chunk's distinct records are counted on a second thread while the next is read
+        # (numpy releases the GIL): one chunk in flight keeps log order and bounds memory;
+        # the reading thread settles it before it touches what the counting reads.
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: Future | None = None
         self.token_counts = TokenCounts(self.layers, token_layers or self.layers[:1])
         shape = (len(self.layers), len(PHASES), self.num_experts)
         self.count = np.zeros(shape, np.int64)
@@ -186,7 +112,8 @@ class _Reader:
             starts = np.r_[0, ends[:-1] + 1]
             for row in rare:
                 self._other(kind[row], block[starts[row] : ends[row]])
-        for record in _records(table, requests):
+        self._settle()  # the pool's thread reads the requests' prompts
+        for record in records_of(table, requests):
             if "prompt_len" in record:
                 self.prompt_len[str(record["req_id"])] = record["prompt_len"]
             self.token_counts.request(record)
@@ -194,7 +121,7 @@ class _Reader:
         if routes.num_rows:
             rows = np.flatnonzero(kind == "route")
             self.routes(routes, lambda i: f"line {self.line + rows[i] + 1}")
-        ends = _records(table, ended)
+        ends = records_of(table, ended)
         if self.deferred_ends is None:
             self.end_requests(ends)  # after the routes they close
         else:
@@ -202,6 +129,7 @@ class _Reader:
         self.line += lines
 
     def end_requests(self, records: list[dict]) -> None:
+        self._settle()
         for record in records:
             self.token_counts.request_end(record)
 
@@ -232,10 +160,12 @@ class _Reader:
         layer = routes["layer"].to_numpy()
         slot = np.searchsorted(self.layers, layer)
         slot_ok = (slot < len(self.layers)) & (np.asarray(self.layers)[np.minimum(slot, len(self.layers) - 1)] == layer)
-        ids = pc.list_flatten(routes["topk_ids"]).to_numpy().reshape(-1, self.top_k).astype(np.int64, copy=False)
+        ids = pc.list_flatten(routes["topk_ids"]).to_numpy().reshape(-1, self.top_k).astype(np.int32, copy=False)
         if self.inferred and ids.size and ids.max() >= self.num_experts:
             self._grow(int(ids.max()) + 1)
-        ok = slot_ok & (ids >= 0).all(1) & (ids < self.num_experts).all(1)
+        ok = slot_ok
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
+            ok = ok & (ids >= 0).all(1) & (ids < self.num_experts).all(1)
         if not ok.all():
             bad = np.flatnonzero(~ok)[0]
             raise LogFormatError(f"{where(bad)}: layer or expert id outside the meta header's")
@@ -250,19 +180,33 @@ class _Reader:
         self.log.records += len(layer)
         self.log.duplicates += int((~fresh).sum())
         phase = self._phases(names, row_req, token_idx, routes["cached"])
+        samples = routes["sample"].fill_null(0).to_numpy()
+        if not fresh.all():
+            slot, phase, ids, weights = slot[fresh], phase[fresh], ids[fresh], weights[fresh]
+            samples, row_req, token_idx = samples[fresh], row_req[fresh], token_idx[fresh]
+        self._settle()
+        self.pending = self.pool.submit(self._tally, slot, phase, ids, weights,
+                                        (names.to_pylist(), samples, row_req, token_idx))
+
+    def _tally(self, slot, phase, ids, weights, token_rows) -> None:
+        """Counts distinct route records (on the pool's thread, one chunk at a time)."""
         if self.token_counts.prompts:
-            samples = routes["sample"].fill_null(0).to_numpy()
-            self.token_counts.routes(names.to_pylist(), samples[fresh], row_req[fresh], token_idx[fresh],
-                                     slot[fresh], ids[fresh])
-        slot, phase, ids, weights = slot[fresh], phase[fresh], ids[fresh], weights[fresh]
+            self.token_counts.routes(*token_rows, slot, ids)
+        weights = finite(weights)
         self.agg.add(slot, ids, weights)
         cell = (slot * len(PHASES) + phase)[:, None] * self.num_experts + ids
         size = self.count.size
         self.count += np.bincount(cell.ravel(), minlength=size).reshape(self.count.shape)
-        self.weight += np.bincount(cell.ravel(), np.nan_to_num(weights).ravel(), size).reshape(self.weight.shape)
+        self.weight += np.bincount(cell.ravel(), weights.ravel(), size).reshape(self.weight.shape)
         self.tokens += np.bincount(slot * len(PHASES) + phase, minlength=self.tokens.size).reshape(self.tokens.shape)
 
+    def _settle(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
     def _grow(self, num_experts: int) -> None:
+        self._settle()
         extra = ((0, 0), (0, 0), (0, num_experts - self.num_experts))
         self.count, self.weight = np.pad(self.count, extra), np.pad(self.weight, extra)
         self.agg.grow(num_experts)
@@ -304,6 +248,8 @@ class _Reader:
         if log.unknown_types:
             log.notes.append("records of unknown types ignored: " + ", ".join(
                 f"{kind} ({n})" for kind, n in sorted(log.unknown_types.items())))
+        self._settle()
+        self.pool.shutdown()
         self.agg.finish()
         frames = self.agg.frames()
         log.pairs, log.confidence, log.windows = frames["pairs"], frames["confidence"], frames["windows"]

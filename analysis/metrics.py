@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.logfile import PHASES, RouteLog
+from analysis.log_format import PHASES, RouteLog
 
 
 def short_name(model_id: str) -> str:

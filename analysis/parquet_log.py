@@ -9,16 +9,18 @@ Weights are rounded to the header's weight_decimals, as the JSONL writer rounds 
 so both forms give identical numbers.
 """
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.logfile import CHUNK_BYTES, RouteLog, _Reader, feed_lines, read_meta
+from analysis.log_format import CHUNK_BYTES, RouteLog, read_meta
+from analysis.logfile import LogReader, feed_lines
 from analysis.aggregates import WINDOW
 
 RECORDS, ROUTES = "records.jsonl", "routes"
-BATCH_ROWS = 1 << 20
+BATCH_ROWS = 1 << 18
 
 
 def is_parquet_log(path: str | Path) -> bool:
@@ -35,20 +37,29 @@ def read_parquet_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: i
     directory = Path(path)
     with open(directory / RECORDS, "rb") as f:
         meta = read_meta(f.readline())
-        reader = _Reader(meta, window, token_layers)
+        reader = LogReader(meta, window, token_layers)
         reader.deferred_ends = []
         tail = feed_lines(f, reader, chunk_bytes)
     decimals = meta.get("weight_decimals", 9)
     parts = part_files(directory)
     for part in parts:
         read = 0
-        for batch in pq.ParquetFile(part).iter_batches(BATCH_ROWS):
+        for batch in _prefetched(pq.ParquetFile(part).iter_batches(BATCH_ROWS)):
             reader.routes(pa.Table.from_batches([batch]), lambda i, at=read: f"{part.name} row {at + i}", decimals)
             read += batch.num_rows
     reader.end_requests(reader.deferred_ends)
     log = reader.result(tail)
     log.notes += _part_notes(meta, reader.parts, parts, log.end)
     return log
+
+
+def _prefetched(batches):
+    """The batches, each decoded on a second thread while the one before is counted."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        upcoming = pool.submit(next, batches, None)
+        while (batch := upcoming.result()) is not None:
+            upcoming = pool.submit(next, batches, None)
+            yield batch
 
 
 def _part_notes(meta: dict, listed: list[dict], found: list[Path], end: dict | None) -> list[str]:

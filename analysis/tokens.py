@@ -80,7 +80,9 @@ class TokenCounts:
                               max(vocab, int(token.max()) + 1)), np.int32)
             grown[:, :experts, :vocab] = self.table
             self.table = grown
-        np.add.at(self.table, (index, expert, token), 1)
+        cells, counts = np.unique(np.ravel_multi_index((index, expert, token), self.table.shape),
+                                  return_counts=True)  # a sort: several times faster than np.add.at
+        self.table.reshape(-1)[cells] += counts.astype(np.int32)
 
     def frame(self) -> pd.DataFrame:
         self.flush()

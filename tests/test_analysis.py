@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from analysis import plot, report, stats
-from analysis.logfile import LogFormatError, read_log
+from analysis.log_format import LogFormatError
+from analysis.logfile import read_log
 from analysis.seen_keys import SeenKeys
 from analysis.metrics import (analysis_note, coactivation, confidence_stats, expert_shares, layer_stats,
                               load_over_time, model_title, token_specialisation, top_pairs)

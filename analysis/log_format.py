@@ -1,0 +1,98 @@
+"""What a route log is, whatever its form: the records' columns, the header check, the
+table a read gives (RouteLog), and JSONL lines parsed a block at a time."""
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.json as pajson
+
+SCHEMA_VERSIONS = {1}
+# cached: prompt positions the prefix cache served, their routing replayed by the
+# writer ("cached": true); unknown: no 'request' record seen.
+PHASES = ("prompt", "generated", "unknown", "cached")
+CHUNK_BYTES = 64 << 20
+TOKEN_LAYERS = 4  # token specialisation: at most this many of the layers asked (dense counts)
+COLUMNS = pa.schema([
+    ("type", pa.string()), ("req_id", pa.string()), ("sample", pa.int64()),
+    ("token_idx", pa.int64()), ("layer", pa.int64()), ("topk_ids", pa.list_(pa.int64())),
+    ("topk_weights", pa.list_(pa.float64())), ("prompt_len", pa.int64()), ("cached", pa.bool_()),
+    ("prompt_token_ids", pa.list_(pa.int64())), ("generated_token_ids", pa.list_(pa.int64())),
+])
+REQUEST_FIELDS = ["req_id", "sample", "prompt_len", "prompt_token_ids", "generated_token_ids"]
+# The minimal header; schema, num_experts and the rest are optional (num_experts is then
+# inferred from the largest expert id seen).
+META_FIELDS = ("layers_logged", "top_k")
+NUMERIC_REQ_ID = re.compile(rb'"req_id"\s*:\s*(-?\d+)')
+
+
+class LogFormatError(ValueError):
+    """The log is not a route log this reader understands; says which line."""
+
+
+@dataclass
+class RouteLog:
+    meta: dict
+    loads: pd.DataFrame  # layer, phase, expert, count, weight
+    tokens: pd.DataFrame  # layer, phase, tokens (distinct routed positions)
+    requests: int = 0  # distinct caller request ids with a 'request' record
+    records: int = 0  # route lines read
+    duplicates: int = 0  # route lines whose (req_id, sample, token_idx, layer) came before
+    pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer, a, b, count (a < b)
+    confidence: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer, measure, bin_low, count
+    windows: pd.DataFrame = field(default_factory=pd.DataFrame)  # layer, window, tokens, max_over_mean
+    unknown_types: dict = field(default_factory=dict)  # record type -> lines ignored
+    token_counts: pd.DataFrame | None = None  # layer, expert, token, count; None: no token ids
+    token_layers: list[int] = field(default_factory=list)  # the layers token_counts covers
+    gap_records: int = 0  # route records 'gap' records say are missing (positions x layers)
+    truncated_tail: bytes = b""  # an unfinished last line, e.g. after a crash
+    end: dict | None = None  # the closing record, absent if the engine did not shut down
+    notes: list[str] = field(default_factory=list)
+
+
+def read_meta(first_line: bytes) -> dict:
+    try:
+        meta = json.loads(first_line)
+    except ValueError as e:
+        raise LogFormatError(f"line 1: not JSON ({e}); a route log starts with its meta line") from None
+    if not isinstance(meta, dict) or meta.get("type") != "meta":
+        raise LogFormatError("line 1: missing meta header ({\"type\":\"meta\",...})")
+    missing = [f for f in META_FIELDS if f not in meta]
+    if missing:
+        raise LogFormatError(f"line 1: meta header lacks {', '.join(missing)}")
+    if meta.get("schema", 1) not in SCHEMA_VERSIONS:
+        raise LogFormatError(f"line 1: schema {meta['schema']} not in {sorted(SCHEMA_VERSIONS)}")
+    return meta
+
+
+def _parse(block: bytes, cut: int) -> pa.Table:
+    """The lines of ``block[:cut]``, read in place (a chunk is not copied)."""
+    return pajson.read_json(pa.BufferReader(pa.py_buffer(block).slice(0, cut)), parse_options=pajson.ParseOptions(
+        explicit_schema=COLUMNS, unexpected_field_behavior="ignore"))
+
+
+def finite(weights: np.ndarray) -> np.ndarray:
+    """Weights with NaN and infinities as 0 (the writer's null); one sum checks them all."""
+    return weights if np.isfinite(weights.sum()) else np.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def parse_block(block: bytes, cut: int) -> pa.Table:
+    """The lines of ``block[:cut]``; a req_id written as a number is read as its
+    decimal string. Raises pa.ArrowInvalid or ValueError for lines it cannot read."""
+    try:
+        return _parse(block, cut)
+    except (pa.ArrowInvalid, ValueError):
+        fixed = NUMERIC_REQ_ID.sub(rb'"req_id":"\1"', block[:cut])
+        return _parse(fixed, len(fixed))
+
+
+def records_of(table: pa.Table, rows: np.ndarray) -> list[dict]:
+    """'request' / 'request_end' rows as dicts of the fields they have."""
+    if not len(rows):
+        return []
+    picked = table.take(pa.array(rows)).select(REQUEST_FIELDS).to_pylist()
+    return [{k: v for k, v in record.items() if v is not None} for record in picked]
+
