@@ -1,17 +1,19 @@
 """Analysis at scale: generate a synthetic route log, then time `analysis.stats` on it.
 
-    python benchmarks/bench_analysis.py --records 10000000 --log /tmp/big.jsonl
+    python benchmarks/bench_analysis.py --records 10000000 --log /tmp/big.jsonl [--parquet]
 
 The log is written with the fork's own renderer (route_log_render.render_rows), so its
 lines are byte-for-byte what the engine writes: 24 layers, top-4 of 60 experts, requests
 of 100 prompt + 128 generated positions, skewed expert popularity, token ids once per
 request (Qwen's vocabulary size), so that token specialisation is counted too. The analysis runs in a
 fresh process whose peak RSS is read from the kernel (ru_maxrss), together with its wall time.
+With --parquet the log is also converted (python -m analysis.convert, LOG.parquet beside
+it) and the analysis of that is timed the same way, with both logs' sizes.
 """
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -60,14 +62,18 @@ def generate(path: Path, records: int, seed: int = 0) -> int:
 
 
 def measure(path: Path) -> dict:
-    """Runs the stats CLI in a fresh process; returns its wall time and peak RSS."""
+    """Runs the stats CLI in a fresh process; returns its wall time and peak RSS (this
+    child's own, from wait4: RUSAGE_CHILDREN would keep the largest of all runs)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "analysis.stats", str(path), "--json"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "analysis.stats", str(path), "--json"],
+                            stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    report = json.loads(proc.stdout)
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak_kib / 1024), "records": report["route_records"]}
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"analysis.stats {path} failed")
+    report = json.loads(out)
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024), "records": report["route_records"]}
 
 
 def main() -> None:
@@ -75,13 +81,23 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=10_000_000)
     parser.add_argument("--log", type=Path, default=Path("/tmp/route_log_10m.jsonl"))
     parser.add_argument("--keep", action="store_true", help="keep an existing log of that name")
+    parser.add_argument("--parquet", action="store_true", help="time the log's parquet form too")
+    parser.add_argument("--runs", type=int, default=1, help="timed analyses of each form")
     args = parser.parse_args()
     if not (args.keep and args.log.exists()):
         t0 = time.perf_counter()
         written = generate(args.log, args.records)
         print(f"generated {written} route records, {args.log.stat().st_size / 1e9:.2f} GB "
               f"in {time.perf_counter() - t0:.1f} s", flush=True)
-    print(json.dumps({"log_gb": round(args.log.stat().st_size / 1e9, 2), **measure(args.log)}))
+    forms = {"jsonl": args.log}
+    if args.parquet:
+        forms["parquet"] = args.log.with_suffix(".parquet")
+        if not (args.keep and forms["parquet"].exists()):
+            subprocess.run([sys.executable, "-m", "analysis.convert", str(args.log), str(forms["parquet"])], check=True)
+    for _ in range(args.runs):  # alternated: the machine's drift weighs on both forms alike
+        for form, path in forms.items():
+            size = sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
+            print(json.dumps({"form": form, "log_bytes": size, **measure(path)}), flush=True)
 
 
 if __name__ == "__main__":
