@@ -11,6 +11,7 @@ vLLM's own "routed_experts" when the engine was started with enable_return_route
 """
 
 import json
+import os
 import sys
 
 
@@ -74,7 +75,12 @@ def run(spec: dict) -> dict:
         }
         for rid, out in sorted(finished.items())
     ]
-    return {"outputs": outputs, "workers": workers}
+    result = {"outputs": outputs, "workers": workers}
+    if "VLLM_LOG_MOE_METRICS" in os.environ:  # what /metrics would show, after the writer's last step
+        from prometheus_client import REGISTRY, generate_latest
+
+        result["metrics"] = generate_latest(REGISTRY).decode()
+    return result
 
 
 if __name__ == "__main__":

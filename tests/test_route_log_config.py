@@ -100,6 +100,14 @@ def test_front_end_rejects_layers_out_of_range(models, tmp_path, monkeypatch):
                       VLLM_LOG_MOE_LAYERS="0,4,9")
 
 
+def test_metrics_refuse_a_multiprocess_registry(models, tmp_path, monkeypatch):
+    """Several API servers serve /metrics from prometheus' multiprocess files, which the
+    route log's collector is not in."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with pytest.raises(RouteLogError, match="VLLM_LOG_MOE_METRICS needs vLLM's single-process /metrics"):
+        engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE_METRICS="1")
+
+
 def test_front_end_accepts_good_settings_and_is_silent_when_off(models, tmp_path, monkeypatch):
     engine_config(models["top2"], monkeypatch)
     engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"), VLLM_LOG_MOE_LAYERS="all")

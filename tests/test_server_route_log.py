@@ -111,7 +111,7 @@ def serve(tmp: Path, model: Path, log: Path) -> dict:
     """Starts `vllm serve`, sends the traffic, stops it with SIGTERM."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ROUTE_ENV}
-    env.update(VLLM_LOG_MOE=str(log), VLLM_LOG_MOE_LAYERS="all")
+    env.update(VLLM_LOG_MOE=str(log), VLLM_LOG_MOE_LAYERS="all", VLLM_LOG_MOE_METRICS="1")
     cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(model), "--port", str(port),
            "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "32",
            "--max-num-batched-tokens", "256", "--gpu-memory-utilization", "0.3", "--seed", "1234",
@@ -125,6 +125,9 @@ def serve(tmp: Path, model: Path, log: Path) -> dict:
         try:
             wait_until(lambda: healthy(proc, port), 600, "the server's /health")
             result = asyncio.run(traffic(port, str(model), proc.pid))
+            # The writer at rest (its provisional 'end' counts every request): /metrics is final.
+            wait_until(lambda: at_rest(log, CONCURRENT + CHATS + MANY), 300, "the writer to finish the traffic")
+            result["metrics"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
             tree = process_tree(proc.pid)
             proc.send_signal(signal.SIGTERM)  # as a user, systemd or Kubernetes stops it
             result["returncode"] = proc.wait(timeout=120)
@@ -136,6 +139,17 @@ def serve(tmp: Path, model: Path, log: Path) -> dict:
                 proc.wait()
     result.update(log=log, model=model, output=(tmp / "server.txt").read_text())
     return result
+
+
+def at_rest(log: Path, requests: int) -> bool:
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 4096))
+        last = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    try:
+        end = json.loads(last)
+    except ValueError:  # a line half written
+        return False
+    return end.get("type") == "end" and end["requests_ended"] == end["requests"] == requests
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +200,22 @@ def test_sigterm_leaves_a_complete_log_without_duplicates(served):
     assert log.duplicates == 0 and not log.truncated_tail
     assert log.records == log.end["route_records"]
     assert log.requests == CONCURRENT + CHATS + MANY
+
+
+def test_metrics_endpoint_shows_the_logs_expert_load(served):
+    """VLLM_LOG_MOE_METRICS=1: /metrics, scraped once the writer is at rest, holds the
+    log's counts of computed positions per layer and expert, in vLLM's style."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(served["metrics"])}
+    experts = {(s.labels["layer"], s.labels["expert"]): s.value for s in families["vllm:moe_expert_tokens"].samples
+               if s.name.endswith("_total") and s.value}
+    loads = analysis_read_log(served["log"]).loads
+    computed = loads[loads.phase != "cached"].groupby(["layer", "expert"])["count"].sum()
+    assert experts == {(str(layer), str(expert)): float(n) for (layer, expert), n in computed.items() if n}
+    assert {s.labels["model_name"] for s in families["vllm:moe_load_imbalance"].samples} == {str(served["model"])}
+    assert len(families["vllm:moe_load_imbalance"].samples) == 4
+    assert "vllm:num_requests_running" in families  # vLLM's own metrics, on the same endpoint
 
 
 def test_concurrent_requests_match_the_oracle(served, tmp_path):

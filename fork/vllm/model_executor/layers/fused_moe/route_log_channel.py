@@ -75,7 +75,7 @@ class RouteLogChannel:
     """Engine side: owns the ring and the pipe, and starts the writer process.
     Only the thread that runs the model calls it."""
 
-    def __init__(self, capacity: int, file_fd: int, writer_args: dict):
+    def __init__(self, capacity: int, file_fd: int | None, writer_args: dict):
         self.capacity = capacity
         self.ring_fd = os.memfd_create("moe-route-log", os.MFD_CLOEXEC)
         os.ftruncate(self.ring_fd, HEADER + capacity)
@@ -94,7 +94,8 @@ class RouteLogChannel:
         here = os.path.dirname(os.path.abspath(__file__))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", WRITER_MAIN, here, json.dumps(args)],
-            pass_fds=(read_end, file_fd, self.ring_fd), stdin=subprocess.DEVNULL,
+            pass_fds=tuple(fd for fd in (read_end, file_fd, self.ring_fd) if fd is not None),
+            stdin=subprocess.DEVNULL,
         )
         os.close(read_end)
         os.set_blocking(self._pipe, False)

@@ -11,7 +11,11 @@ ENV_PATH = "VLLM_LOG_MOE"
 ENV_LAYERS = "VLLM_LOG_MOE_LAYERS"
 ENV_BUFFER = "VLLM_LOG_MOE_BUFFER_MB"
 ENV_FORMAT = "VLLM_LOG_MOE_FORMAT"
-KNOWN_ENV = (ENV_PATH, ENV_LAYERS, ENV_BUFFER, ENV_FORMAT)
+ENV_METRICS = "VLLM_LOG_MOE_METRICS"
+KNOWN_ENV = (ENV_PATH, ENV_LAYERS, ENV_BUFFER, ENV_FORMAT, ENV_METRICS)
+# Set by the front end for the engine's processes: where the writers' load counters go.
+METRICS_SHM_ENV = "MOE_ROUTE_LOG_METRICS_SHM"
+METRICS_HELP = "0 (off), 1 or expert (a series per layer and expert), layer (per-layer series only)"
 FORMATS = ("jsonl", "parquet")
 PARQUET_RECORDS, PARQUET_ROUTES = "records.jsonl", "routes"  # in a parquet log's directory
 PART_ROWS = 1 << 20  # a parquet part closes at this many rows, held in memory till then
@@ -32,6 +36,7 @@ class RouteLogConfig:
     layers: tuple[int, ...] | None  # None: every MoE layer
     buffer_mb: int | None  # shared memory between engine and writer; None: 16 full steps
     format: str = "jsonl"  # "parquet": a directory of route parts (route_log_columns.py)
+    metrics: str | None = None  # live expert load on /metrics: "expert", "layer" (route_log_metrics.py)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "RouteLogConfig | None":
@@ -41,20 +46,26 @@ class RouteLogConfig:
                 f"unknown variable(s) {', '.join(unknown)}; the route log reads "
                 f"{', '.join(KNOWN_ENV)}"
             )
+        metrics = _parse_metrics(environ.get(ENV_METRICS))
         if ENV_PATH not in environ:
-            others = [k for k in KNOWN_ENV[1:] if k in environ]
+            others = [k for k in KNOWN_ENV[1:] if k in environ and (metrics is None or k == ENV_FORMAT)]
             if others:
                 raise RouteLogError(
                     f"{', '.join(others)} set but {ENV_PATH} is not; set "
                     f"{ENV_PATH}=/path/log.jsonl to turn the route log on"
                 )
-            return None
+            if metrics is None:
+                return None
+            return cls(path=None, layers=parse_layers(environ.get(ENV_LAYERS, "0")),
+                       buffer_mb=_parse_positive(environ[ENV_BUFFER]) if ENV_BUFFER in environ else None,
+                       format="none", metrics=metrics)
         format = _parse_format(environ.get(ENV_FORMAT), environ[ENV_PATH])
         return cls(
             path=_check_path(environ[ENV_PATH], format),
             layers=parse_layers(environ.get(ENV_LAYERS, "0")),
             buffer_mb=_parse_positive(environ[ENV_BUFFER]) if ENV_BUFFER in environ else None,
             format=format,
+            metrics=metrics,
         )
 
 
@@ -102,6 +113,13 @@ def _parse_positive(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise RouteLogError(f"{ENV_BUFFER}={text!r}: expected a whole number of MiB >= 1")
     return int(text)
+
+
+def _parse_metrics(text: str | None) -> str | None:
+    value = (text or "0").strip().lower()
+    if value in ("0", "1", "expert", "layer"):
+        return None if value == "0" else "expert" if value == "1" else value
+    raise RouteLogError(f"{ENV_METRICS}={text!r}: expected {METRICS_HELP}")
 
 
 def _parse_format(text: str | None, path: str) -> str:
@@ -164,6 +182,36 @@ def check_engine_config(vllm_config) -> None:
             raise RouteLogError(
                 f"{ENV_PATH} does not support {feature} yet; unset {ENV_PATH} or turn it off"
             )
+    if config.metrics:
+        _serve_metrics(config, vllm_config)
+
+
+def _serve_metrics(config: RouteLogConfig, vllm_config) -> None:
+    """Front end: the writers' counter files (one per shard, removed at exit) and the
+    collector that reads them for /metrics."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        raise RouteLogError(
+            f"{ENV_METRICS} needs vLLM's single-process /metrics (one API server); "
+            f"PROMETHEUS_MULTIPROC_DIR is set (--api-server-count > 1?): run one API server "
+            f"or unset {ENV_METRICS}"
+        )
+    import atexit
+    import tempfile
+
+    from .route_log_metrics import serve_metrics
+
+    if METRICS_SHM_ENV not in os.environ:
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, base = tempfile.mkstemp(prefix="vllm-moe-load-", dir=shm)
+        os.close(fd)
+        os.environ[METRICS_SHM_ENV] = base
+        paths = [base] + WriterLayout.of(vllm_config.parallel_config, 0).shard_paths(base)
+        atexit.register(lambda: [os.remove(p) for p in paths if os.path.exists(p)])
+    base = os.environ[METRICS_SHM_ENV]
+    model = vllm_config.model_config
+    name = model.served_model_name[0] if isinstance(model.served_model_name, list) else model.served_model_name
+    serve_metrics(WriterLayout.of(vllm_config.parallel_config, 0).shard_paths(base), name or model.model,
+                  config.metrics)
 
 
 def _check_speculative(vllm_config) -> None:

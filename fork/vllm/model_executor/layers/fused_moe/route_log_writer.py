@@ -55,7 +55,8 @@ class Writer:
         self.layers = args["layers"]
         self.top_k = args["top_k"]
         self.pipe = args["pipe_fd"]
-        self.file = os.fdopen(args["file_fd"], "ab", buffering=1 << 20)
+        # None: no log, only the load counters for /metrics (VLLM_LOG_MOE_METRICS alone)
+        self.file = os.fdopen(args["file_fd"], "ab", buffering=1 << 20) if args["file_fd"] is not None else None
         self.ring = RingReader(args["ring_fd"], args["capacity"])
         self.parent = os.getppid()
         self.prefix = np.full((64, 64), ord(" "), dtype=np.uint8)  # [slot, byte]
@@ -70,6 +71,10 @@ class Writer:
         if args.get("format") == "parquet":
             from .route_log_columns import RouteColumns
             self.columns = RouteColumns(self.path, self.layers, self.top_k, args["num_experts"])
+        self.load = None  # the load counters behind /metrics
+        if args.get("metrics_path"):
+            from .route_log_metrics import LoadCounters
+            self.load = LoadCounters(args["metrics_path"], self.layers, args["num_experts"], self.top_k)
         self.pending: list[np.ndarray] = []  # CACHED spans [n, 3] awaiting the next STEP
         self.generated: dict[int, list[np.ndarray]] = {}  # slot -> token ids fed after the prompt
         self.not_logged_ids: list[str] = []
@@ -169,6 +174,8 @@ class Writer:
             self.replay_cached()
             shown = row >= render_from[owner]
             owner, row, positions = owner[shown], row[shown], positions[shown]
+            if self.load is not None:
+                self.load.add(all_ids[row])
             if has_tokens:
                 self.keep_generated(slots, owner, positions, self.ring.array(offset + tokens_at, np.int32, rows)[row])
             self.render(all_ids, all_weights, row, slots[owner], positions)
@@ -197,6 +204,8 @@ class Writer:
         if self.columns is not None:
             if self.error is None:
                 self.columns.add(ids[rows], weights[rows], slots, positions, cached)
+            return
+        if self.file is None:
             return
         prefixes = self.prefix[slots, : int(self.prefix_len[slots].max(initial=0))]
         if cached:  # one slot: no padding before the mark
@@ -257,6 +266,8 @@ class Writer:
 
     def at_rest(self) -> None:
         """Flushes; with no request open, ends the file with a provisional 'end'."""
+        if self.file is None:
+            return
         try:
             if self.stats["requests"] == self.stats["requests_ended"] and self.error is None:
                 self.roll()
@@ -282,7 +293,7 @@ class Writer:
         return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
     def write(self, data) -> None:
-        if self.error is None:
+        if self.error is None and self.file is not None:
             try:
                 self.cut_provisional()
                 self.file.write(data)
@@ -297,7 +308,7 @@ class Writer:
             self.provisional_at = None
 
     def flush(self) -> None:
-        if self.error is None:
+        if self.error is None and self.file is not None:
             try:
                 self.file.flush()
             except OSError as e:

@@ -1,5 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Per-token MoE routing log, switched on by ``VLLM_LOG_MOE=/path/log.jsonl``.
+"""Per-token MoE routing log, switched on by ``VLLM_LOG_MOE=/path/log.jsonl`` (or a
+parquet log, route_log_columns.py), and live expert load on /metrics by
+``VLLM_LOG_MOE_METRICS`` (route_log_metrics.py), with or without a log.
 
 Call order in each worker process (every call is a no-op while the log is off):
   route_log_config.check_engine_config  front end, before the engine starts: settings
@@ -14,7 +16,8 @@ device copies into buffers allocated in ``attach``, which graphs record and repl
 After the forward, on the model's thread: a few numpy operations map rows to
 requests, device copies put the step's rows into a shared-memory ring, and a
 message of 40 bytes tells the writer process (route_log_writer.py), which waits for
-the copy, renders the JSON and writes it, with its own GIL and core.
+the copy, renders the JSON (or parquet columns) and writes it, and counts the experts'
+load, with its own GIL and core.
 
 Speculative decoding: a step's last k rows of a request are its draft tokens, routed
 before verification. The step is held from end_forward to end_sample, which cuts each
@@ -25,8 +28,6 @@ end_forward still count the previous step's rejected drafts.
 """
 
 import atexit
-import fcntl
-import json
 import multiprocessing.util
 from array import array
 from contextlib import contextmanager
@@ -53,14 +54,12 @@ from vllm.model_executor.layers.fused_moe.route_log_channel import (
     step_layout,
 )
 from vllm.model_executor.layers.fused_moe.route_log_config import (
-    ENV_BUFFER,
     ENV_PATH,
     RouteLogConfig,
-    RouteLogError,
     WriterLayout,
     format_meta,
-    records_path,
 )
+from vllm.model_executor.layers.fused_moe.route_log_files import buffer_bytes, counters_path, locked_log
 from vllm.model_executor.layers.fused_moe.route_log_layers import moe_routers, select_layers
 from vllm.model_executor.layers.fused_moe.route_log_meta import block_store_settings, route_log_meta
 from vllm.model_executor.layers.fused_moe.route_log_requests import (
@@ -80,7 +79,7 @@ class RouteLogger:
     def __init__(self, config: RouteLogConfig, meta: dict, layers: list[int], top_k: int,
                  max_rows: int, device: torch.device, path: str, request_fields: dict,
                  block_store: dict | None = None, speculative: bool = False,
-                 max_model_len: int = 1 << 62):
+                 max_model_len: int = 1 << 62, metrics_path: str | None = None):
         self.layers = layers  # may be empty on a pipeline stage without logged layers
         self.max_model_len = max_model_len
         self.top_k = top_k
@@ -97,19 +96,17 @@ class RouteLogger:
         self.drafts: dict[str, list[int]] = {}  # engine request id -> this step's draft tokens
         self.held: HeldStep | None = None  # a step awaiting end_sample
         step_max = step_layout(max_rows, max_rows, len(layers), top_k)[-1]
-        capacity = _buffer_bytes(config, step_max)
+        capacity = buffer_bytes(config, step_max)
         meta = {**meta, "buffer_bytes": capacity, **format_meta(config.format)}
-        with open(records_path(path, config.format), "ab") as log:  # truncated once locked
-            try:
-                fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RouteLogError(f"{ENV_PATH}={path!r} is being written by another engine") from None
-            log.truncate(0)
-            log.write(json.dumps(meta, separators=(",", ":")).encode() + b"\n")
-            log.flush()
-            self.channel = RouteLogChannel(capacity, log.fileno(), {
+        log = locked_log(path, config.format, meta) if path else None  # None: metrics only
+        try:
+            self.channel = RouteLogChannel(capacity, log.fileno() if log else None, {
                 "path": path, "layers": layers, "top_k": top_k, "format": config.format,
-                "num_experts": meta.get("num_experts", 1 << 15), **(self.block_store or {})})
+                "num_experts": meta.get("num_experts", 1 << 15), "metrics_path": metrics_path,
+                **(self.block_store or {})})
+        finally:
+            if log:
+                log.close()  # the writer holds its own descriptor, and with it the lock
         self.ring = torch.frombuffer(self.channel.ring, dtype=torch.uint8)
         if device.type == "cuda":  # pinned, so that device copies into it are asynchronous
             error = torch.cuda.cudart().cudaHostRegister(self.ring.data_ptr(), self.ring.numel(), 0)
@@ -289,19 +286,6 @@ class RouteLogger:
             logger.error("VLLM_LOG_MOE: %s; the route log stops here and generation goes on", e)
 
 
-def _buffer_bytes(config: RouteLogConfig, step_max: int) -> int:
-    """The ring's size: VLLM_LOG_MOE_BUFFER_MB, or 16 steps of the largest batch."""
-    if config.buffer_mb is None:
-        return max(16 * step_max, 16 << 20)
-    if config.buffer_mb << 20 < step_max:
-        need = -(-step_max // (1 << 20))
-        raise RouteLogError(
-            f"{ENV_BUFFER}={config.buffer_mb}: one step of this engine needs up to {need} MiB; "
-            f"expected a whole number >= {need}"
-        )
-    return config.buffer_mb << 20
-
-
 _ACTIVE: RouteLogger | None = None
 
 
@@ -333,17 +317,17 @@ def attach(model: torch.nn.Module, vllm_config, model_config=None) -> torch.nn.M
         return model  # routing is replicated across TP ranks; rank 0 writes
     if _ACTIVE is not None:
         raise RuntimeError(f"{ENV_PATH}: a second model was loaded in this process")
-    block_store = block_store_settings(vllm_config)
+    block_store = block_store_settings(vllm_config) if config.path else None
     speculative = vllm_config.speculative_config is not None
-    meta = route_log_meta(vllm_config, routers, layers, layout.meta(config.path), block_store)
+    meta = route_log_meta(vllm_config, routers, layers, layout.meta(config.path or ""), block_store)
     # Requests are split across DP ranks: say which one served each.
     request_fields = {"dp_rank": layout.dp_rank} if layout.data_parallel_size > 1 else {}
     top_k = routers[layers[0]].top_k if layers else 0
     _ACTIVE = RouteLogger(
         config, meta, layers, top_k, vllm_config.scheduler_config.max_num_batched_tokens,
         torch.device(current_platform.device_type),
-        layout.shard_path(config.path, layout.dp_rank, layout.pp_rank), request_fields,
-        block_store, speculative, vllm_config.model_config.max_model_len,
+        config.path and layout.shard_path(config.path, layout.dp_rank, layout.pp_rank), request_fields,
+        block_store, speculative, vllm_config.model_config.max_model_len, counters_path(config, layout),
     )
     for slot, layer in enumerate(layers):
         routers[layer].route_log_fn = partial(_ACTIVE._capture, slot)

@@ -1,0 +1,59 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Where a worker's route log goes: its file, locked and headed; the shared ring's
+size; this writer's load counters for /metrics. Called once, when the logger starts."""
+
+import fcntl
+import json
+import os
+
+from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe.route_log_config import (
+    ENV_BUFFER,
+    ENV_METRICS,
+    ENV_PATH,
+    METRICS_SHM_ENV,
+    RouteLogConfig,
+    RouteLogError,
+    WriterLayout,
+    records_path,
+)
+
+logger = init_logger(__name__)
+
+
+def locked_log(path: str, format: str, meta: dict):
+    """The log's file (a parquet log's records.jsonl), locked, emptied, its meta line written."""
+    log = open(records_path(path, format), "ab")  # truncated only once the lock is held
+    try:
+        fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.close()
+        raise RouteLogError(f"{ENV_PATH}={path!r} is being written by another engine") from None
+    log.truncate(0)
+    log.write(json.dumps(meta, separators=(",", ":")).encode() + b"\n")
+    log.flush()
+    return log
+
+
+def buffer_bytes(config: RouteLogConfig, step_max: int) -> int:
+    """The ring's size: VLLM_LOG_MOE_BUFFER_MB, or 16 steps of the largest batch."""
+    if config.buffer_mb is None:
+        return max(16 * step_max, 16 << 20)
+    if config.buffer_mb << 20 < step_max:
+        need = -(-step_max // (1 << 20))
+        raise RouteLogError(
+            f"{ENV_BUFFER}={config.buffer_mb}: one step of this engine needs up to {need} MiB; "
+            f"expected a whole number >= {need}"
+        )
+    return config.buffer_mb << 20
+
+
+def counters_path(config: RouteLogConfig, layout: WriterLayout) -> str | None:
+    """This writer's load counters (route_log_metrics.py), in the front end's file set."""
+    base = os.environ.get(METRICS_SHM_ENV)
+    if not config.metrics or not base:
+        if config.metrics:
+            logger.warning("%s: the front end set no counter files; /metrics will not show "
+                           "expert load", ENV_METRICS)
+        return None
+    return layout.shard_path(base, layout.dp_rank, layout.pp_rank)
