@@ -160,7 +160,7 @@ def check_engine_config(vllm_config) -> None:
         return
     model = vllm_config.model_config
     if model.get_num_experts() <= 0:
-        raise RouteLogError(f"{ENV_PATH} is set but {model.model} has no MoE layers")
+        raise RouteLogError(f"{ENV_PATH if config.path else ENV_METRICS} is set but {model.model} has no MoE layers")
     num_layers = model.get_total_num_hidden_layers()
     beyond = [layer for layer in config.layers or () if layer >= num_layers]
     if beyond:

@@ -51,7 +51,8 @@ class LoadCounters:
 
     def __init__(self, path: str, layers: list[int], num_experts: int, top_k: int):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, _size(len(layers), num_experts))
+        # Reserved now: a full /dev/shm fails here, not as SIGBUS on a later store.
+        os.posix_fallocate(fd, 0, _size(len(layers), num_experts))
         self.map = mmap.mmap(fd, _size(len(layers), num_experts))
         os.close(fd)
         self.v = _views(self.map, len(layers), num_experts)

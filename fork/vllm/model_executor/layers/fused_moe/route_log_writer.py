@@ -74,7 +74,11 @@ class Writer:
         self.load = None  # the load counters behind /metrics
         if args.get("metrics_path"):
             from .route_log_metrics import LoadCounters
-            self.load = LoadCounters(args["metrics_path"], self.layers, args["num_experts"], self.top_k)
+            try:
+                self.load = LoadCounters(args["metrics_path"], self.layers, args["num_experts"], self.top_k)
+            except OSError as e:
+                print(f"ERROR [route_log_writer.py] VLLM_LOG_MOE_METRICS: {args['metrics_path']}: {e}; "
+                      "/metrics will not show expert load", file=sys.stderr, flush=True)
         self.pending: list[np.ndarray] = []  # CACHED spans [n, 3] awaiting the next STEP
         self.generated: dict[int, list[np.ndarray]] = {}  # slot -> token ids fed after the prompt
         self.not_logged_ids: list[str] = []
