@@ -37,7 +37,7 @@ def to_parquet(src: Path, dst: Path) -> dict:
     for stale in part_files(dst):
         stale.unlink()
     with open(src, "rb") as f, open(dst / RECORDS, "wb") as records:
-        meta = read_meta(f.readline())
+        meta = _renamed_shards(read_meta(f.readline()), src, dst)
         meta = {**meta, "format": "parquet", "routes": f"{ROUTES}/part-NNNNNN.parquet", "part_rows": PART_ROWS}
         records.write(_line(meta))
         parts = _Parts(dst, meta)
@@ -66,10 +66,11 @@ def to_parquet(src: Path, dst: Path) -> dict:
 def to_jsonl(src: Path, dst: Path) -> dict:
     """Parquet log directory -> JSONL file: requests, routes, then the other records."""
     lines = (src / RECORDS).read_bytes().split(b"\n")
-    meta = read_meta(lines[0])
+    meta = _renamed_shards(read_meta(lines[0]), src, dst)
     meta = {k: v for k, v in meta.items() if k not in ("routes", "part_rows", "part_seconds", "crash_loss")}
     kinds = [json.loads(line)["type"] if line.strip() else None for line in lines[1:]]
     total = 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
     with open(dst, "wb") as out:
         out.write(_line({**meta, "format": "jsonl"}))
         out.writelines(line + b"\n" for line, kind in zip(lines[1:], kinds) if kind == "request")
@@ -80,6 +81,19 @@ def to_jsonl(src: Path, dst: Path) -> dict:
         out.writelines(line + b"\n" for line, kind in zip(lines[1:], kinds)
                        if kind not in (None, "request", "part"))
     return {"route_records": total}
+
+
+def _renamed_shards(meta: dict, src: Path, dst: Path) -> dict:
+    """A shard's header names its run's shards (log.dp0.jsonl, ...): renamed to the
+    destination's suffix, so that shards converted alike still find each other
+    (python -m analysis.merge)."""
+    shards = meta.get("parallel", {}).get("shards")
+    if not shards:
+        return meta
+    old = src.suffix if src.suffix in (".jsonl", ".parquet") else ""
+    new = dst.suffix if dst.suffix in (".jsonl", ".parquet") else ""
+    renamed = [(name[: len(name) - len(old)] if old and name.endswith(old) else name) + new for name in shards]
+    return {**meta, "parallel": {**meta["parallel"], "shards": renamed}}
 
 
 class _Parts:
