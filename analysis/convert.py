@@ -65,7 +65,8 @@ def to_parquet(src: Path, dst: Path) -> dict:
 
 def to_jsonl(src: Path, dst: Path) -> dict:
     """Parquet log directory -> JSONL file: requests, routes, then the other records."""
-    lines = (src / RECORDS).read_bytes().split(b"\n")
+    data = (src / RECORDS).read_bytes()
+    lines = data[: data.rfind(b"\n")].split(b"\n")  # an unfinished last line (a crash) left out
     meta = _renamed_shards(read_meta(lines[0]), src, dst)
     meta = {k: v for k, v in meta.items() if k not in ("routes", "part_rows", "part_seconds", "crash_loss")}
     kinds = [json.loads(line)["type"] if line.strip() else None for line in lines[1:]]
