@@ -106,8 +106,7 @@ class RouteColumns:
         name = f"part-{self.parts:06d}.parquet"
         hidden = os.path.join(self.routes, f".{name}.tmp")
         table = pa.Table.from_batches(self.batches, self.schema)
-        # By layer: each layer's ids compress on their own, and row groups' layer
-        # statistics let query engines skip the layers a query leaves out.
+        # By layer: each layer's ids (and their popularity) compress on their own.
         table = table.take(pa.array(np.argsort(table["layer"].to_numpy(), kind="stable")))
         pq.write_table(table, hidden, **PARQUET_OPTIONS)
         os.rename(hidden, os.path.join(self.routes, name))
