@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from analysis.log_format import CHUNK_BYTES, LogFormatError, parse_block, read_meta
+from analysis.merge import _line
 from analysis.parquet_log import RECORDS, ROUTES, is_parquet_log, part_files
 
 PART_ROWS = 1 << 20
@@ -195,10 +196,6 @@ def _other_lines(table: pa.Table, block: bytes, cut: int) -> list[tuple[str, byt
     ends = np.flatnonzero(np.frombuffer(block, np.uint8, cut) == ord("\n"))
     starts = np.r_[0, ends[:-1] + 1]
     return [(kind[i], block[starts[i] : ends[i] + 1]) for i in others]
-
-
-def _line(record: dict) -> bytes:
-    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
 def convert(src: str | Path, dst: str | Path) -> dict:

@@ -126,7 +126,8 @@ class Writer:
             # No ids (a prompt of embeddings): where the prompt ends is not known here.
             self.prompt_len[slot] = tokens or NO_PROMPT_IDS
             self.stats["requests"] += 1
-            self.write(_with_field(payload[at + 4 * tokens :], "prompt_token_ids", prompt))
+            if self.file is not None:  # metrics alone: no line to render
+                self.write(_with_field(payload[at + 4 * tokens :], "prompt_token_ids", prompt))
         elif kind == REQUEST_END:
             (slot,) = REQUEST_END_HEAD.unpack_from(payload)
             line = payload[REQUEST_END_HEAD.size :]
@@ -180,7 +181,7 @@ class Writer:
             owner, row, positions = owner[shown], row[shown], positions[shown]
             if self.load is not None:
                 self.load.add(all_ids[row])
-            if has_tokens:
+            if has_tokens and self.file is not None:
                 self.keep_generated(slots, owner, positions, self.ring.array(offset + tokens_at, np.int32, rows)[row])
             self.render(all_ids, all_weights, row, slots[owner], positions)
             if self.columns is not None and self.columns.due():
