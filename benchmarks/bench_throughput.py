@@ -43,14 +43,29 @@ LAYERS = {"off": None, "layer0": "0", "all": "all"}
 
 
 def mode_layers(mode: str) -> str | None:
-    """VLLM_LOG_MOE_LAYERS of a mode: off, layer0, all, or layers=SPEC (then +parquet
-    for that log format)."""
-    layers = mode.removesuffix("+parquet")
-    return layers.split("=", 1)[1] if layers.startswith("layers=") else LAYERS[layers]
+    """VLLM_LOG_MOE_LAYERS of a mode: BASE[+parquet][+metrics][+nolog], BASE one of off,
+    layer0, all or layers=SPEC."""
+    base = mode.split("+", 1)[0]
+    return base.split("=", 1)[1] if base.startswith("layers=") else LAYERS[base]
 
 
 def mode_format(mode: str) -> str:
-    return "parquet" if mode.endswith("+parquet") else "jsonl"
+    return "parquet" if "+parquet" in mode else "jsonl"
+
+
+def mode_env(mode: str, log: Path) -> dict:
+    """The route log's variables for a mode: +parquet the log's format, +metrics live
+    metrics on (VLLM_LOG_MOE_METRICS=1), +nolog metrics alone, with no log file."""
+    flags = set(mode.split("+")[1:])
+    if not flags <= {"parquet", "metrics", "nolog"} or ("nolog" in flags and flags != {"metrics", "nolog"}):
+        raise SystemExit(f"mode {mode!r}: suffixes are +parquet, +metrics and +metrics+nolog")
+    layers = mode_layers(mode)
+    if layers is None:
+        return {}
+    env = {"VLLM_LOG_MOE_LAYERS": layers} | ({"VLLM_LOG_MOE_METRICS": "1"} if "metrics" in flags else {})
+    if "nolog" not in flags:
+        env |= {"VLLM_LOG_MOE": str(log), "VLLM_LOG_MOE_FORMAT": mode_format(mode)}
+    return env
 
 
 def prompts(args, tokenizer) -> list:

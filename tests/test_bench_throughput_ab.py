@@ -71,3 +71,18 @@ def test_the_estimate_recovers_the_cost_of_a_logged_step(cost_ms):
     assert costs["decode"]["se_ms"] < 1.0  # the drift (30% between generations) is taken out
     cost, se = ab.overhead(synthetic(cost_ms))
     assert abs(cost - cost_ms / costs["decode"]["paused_ms"]) < 3 * se
+
+
+def test_modes_set_the_route_log_variables(tmp_path):
+    tp = importlib.import_module("bench_throughput")
+    log = tmp_path / "routes"
+    assert tp.mode_env("off", log) == {}
+    assert tp.mode_env("layer0", log) == {"VLLM_LOG_MOE_LAYERS": "0", "VLLM_LOG_MOE": str(log),
+                                          "VLLM_LOG_MOE_FORMAT": "jsonl"}
+    assert tp.mode_env("all+parquet+metrics", log) == {
+        "VLLM_LOG_MOE_LAYERS": "all", "VLLM_LOG_MOE_METRICS": "1", "VLLM_LOG_MOE": str(log),
+        "VLLM_LOG_MOE_FORMAT": "parquet"}
+    assert tp.mode_env("layers=0-3+metrics+nolog", log) == {"VLLM_LOG_MOE_LAYERS": "0-3", "VLLM_LOG_MOE_METRICS": "1"}
+    for bad in ("all+nolog", "all+parquet+metrics+nolog", "all+csv"):
+        with pytest.raises(SystemExit, match="suffixes"):
+            tp.mode_env(bad, log)
