@@ -1,8 +1,9 @@
 """Reads a route log in chunks into an expert-load table: a JSONL file here, a parquet
 log's directory through parquet_log.py, both with LogReader.
 
-Memory stays bounded by the chunk size plus 32 MiB and 8 bytes per distinct routed key
-(for de-duplication, seen_keys.py), whatever the log's size. The load table has one row per
+Memory stays bounded by the chunk size plus 8 bytes per distinct routed key and per
+(request, sample, layer), and 32 MiB once a log needs the exact set (de-duplication,
+seen_keys.py), whatever the log's size. The load table has one row per
 (layer, phase, expert): how often the expert was chosen and its summed gate weight. A
 chunk's distinct records are counted on a second thread while the next chunk is read.
 """
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 from analysis.aggregates import WINDOW, Aggregates
 from analysis.log_format import (CHUNK_BYTES, PHASES, TOKEN_LAYERS, LogFormatError, RouteLog, finite,
                                  parse_block, read_meta, records_of)
-from analysis.seen_keys import SeenKeys
+from analysis.seen_keys import SeenRoutes
 from analysis.tokens import TokenCounts
 
 
@@ -86,7 +87,8 @@ class LogReader:
         self.weight = np.zeros(shape, np.float64)
         self.tokens = np.zeros(shape[:2], np.int64)
         self.prompt_len: dict[str, int] = {}
-        self.seen = SeenKeys()  # every route key counted so far
+        self.seen = SeenRoutes()  # every route key counted so far
+        self.streams: dict[tuple[str, int], int] = {}  # (req_id, sample) -> dense id
         self.line = 1  # lines consumed so far
         self.log = RouteLog(meta, pd.DataFrame(), pd.DataFrame())
         # Set, request_end records wait for end_requests (their routes come later).
@@ -176,7 +178,7 @@ class LogReader:
         # A chunk holds few distinct requests: work on their ids, then index per row.
         encoded = pc.dictionary_encode(routes["req_id"]).combine_chunks()
         names, row_req = encoded.dictionary, encoded.indices.to_numpy()
-        fresh = self._first_sightings(names, row_req, routes["sample"], token_idx, layer)
+        fresh = self._first_sightings(names, row_req, routes["sample"], token_idx, layer, slot)
         self.log.records += len(layer)
         self.log.duplicates += int((~fresh).sum())
         phase = self._phases(names, row_req, token_idx, routes["cached"])
@@ -212,13 +214,24 @@ class LogReader:
         self.agg.grow(num_experts)
         self.num_experts = num_experts
 
-    def _first_sightings(self, names, row_req, sample, token_idx, layer) -> np.ndarray:
-        """True for (req_id, sample, token_idx, layer) keys not seen before (64-bit hashes)."""
+    def _first_sightings(self, names, row_req, sample, token_idx, layer, slot) -> np.ndarray:
+        """True for (req_id, sample, token_idx, layer) keys not seen before."""
         req = pd.util.hash_array(names.to_numpy(zero_copy_only=False))[row_req]
-        sample = sample.fill_null(0).to_numpy().astype(np.uint64)
+        sample = sample.fill_null(0).to_numpy()
         key = req ^ (token_idx.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-        key ^= (layer.astype(np.uint64) << np.uint64(48)) ^ (sample << np.uint64(40))
-        return self.seen.add_new(key)
+        key ^= (layer.astype(np.uint64) << np.uint64(48)) ^ (sample.astype(np.uint64) << np.uint64(40))
+        return self.seen.add_new(self._streams(names, row_req, sample) * len(self.layers) + slot, token_idx, key)
+
+    def _streams(self, names, row_req, sample) -> np.ndarray:
+        """Each row's dense (req_id, sample) id: a dict lookup per distinct pair of the chunk."""
+        width = int(sample.max()) + 1 if len(sample) else 1
+        pair = row_req.astype(np.int64) * width + sample
+        present = np.flatnonzero(np.bincount(pair, minlength=len(names) * width))
+        table = np.zeros(len(names) * width, np.int64)
+        listed = names.to_pylist()
+        for p in present.tolist():
+            table[p] = self.streams.setdefault((listed[p // width], p % width), len(self.streams))
+        return table[pair]
 
     def _phases(self, names, row_req, token_idx, cached) -> np.ndarray:
         """0 prompt, 1 generated, 2 unknown (no 'request' record seen for the id),

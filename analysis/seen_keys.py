@@ -1,17 +1,68 @@
-"""The set of route keys a reader has counted, for de-duplication at scale.
+"""The route records a reader has counted, for de-duplication at scale.
 
-Keys are 64-bit hashes of (req_id, sample, token_idx, layer). Most keys of a log are new,
-so the set answers "new" cheaply first: a bitmap indexed by a key's top BITS bits (32 MiB)
-has no bit set for a key never added. Only keys whose bit is set (an earlier key shared
-those bits, or the key itself came before) are looked up exactly, in sorted runs of the
-keys added so far. A run is merged with the one before it while that one is at most twice
-its size, so about log2(keys / chunk) runs stay apart. Memory: the bitmap plus 8 bytes per
-key (16 while the two largest runs merge).
+SeenRoutes first proves chunks free of repeats without a sort: while every (request,
+sample, layer) group's positions only grow from chunk to chunk, as in every log one
+writer makes (computed rows in step order, cached replays before a request's first
+computed row, recomputed rows never logged), a row above its group's highest position
+so far is new, and a count of each row's (group, position) cell in the chunk finds any
+repeat inside it. The first chunk that fails that proof turns on the exact set
+(SeenKeys) of every key seen, built once from the keys kept until then.
+
+SeenKeys: keys are 64-bit hashes of (req_id, sample, token_idx, layer). Most keys of a
+log are new, so the set answers "new" cheaply first: a bitmap indexed by a key's top
+BITS bits (32 MiB) has no bit set for a key never added. Only keys whose bit is set (an
+earlier key shared those bits, or the key itself came before) are looked up exactly, in
+sorted runs of the keys added so far. A run is merged with the one before it while that
+one is at most twice its size, so about log2(keys / chunk) runs stay apart. Memory: the
+bitmap plus 8 bytes per key (16 while the two largest runs merge).
 """
 
 import numpy as np
 
 BITS = 28
+SPAN = 8  # a chunk whose groups span more positions than SPAN x its rows is checked exactly
+
+
+class SeenRoutes:
+    def __init__(self) -> None:
+        self.top = np.zeros(0, np.int64)  # [groups] highest position seen; -1: none
+        self.kept: list[np.ndarray] = []  # every key so far, until the exact set is needed
+        self.exact: SeenKeys | None = None
+
+    def add_new(self, group: np.ndarray, position: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """True for the rows not seen before (nor earlier in this chunk): ``group`` [n] a
+        dense id of (request, sample, layer), ``position`` [n] its token_idx, ``keys`` [n]
+        the rows' SeenKeys hashes."""
+        if self.exact is None:
+            if self._all_new(group, position.astype(np.int64, copy=False)):
+                self.kept.append(keys)
+                return np.ones(len(keys), bool)
+            self.exact = SeenKeys()
+            if self.kept:
+                self.exact.add_new(np.concatenate(self.kept))  # distinct: each chunk was proved so
+            self.kept = []
+        return self.exact.add_new(keys)
+
+    def _all_new(self, group: np.ndarray, position: np.ndarray) -> bool:
+        if not len(group):
+            return True
+        if group.max() >= len(self.top):
+            self.top = np.concatenate([self.top, np.full(int(group.max()) + 1 - len(self.top), -1, np.int64)])
+        floor = self.top[group]
+        if (position <= floor).any():
+            return False
+        top = self.top.copy()
+        np.maximum.at(top, group, position)
+        touched = np.flatnonzero(top != self.top)
+        spans = top[touched] - self.top[touched]  # positions above the old top, per group
+        if spans.sum() > SPAN * len(group):
+            return False
+        offset = np.zeros(len(top), np.int64)
+        offset[touched] = np.cumsum(spans) - spans
+        if np.bincount(offset[group] + position - floor - 1).max() > 1:
+            return False  # a position twice in this chunk
+        self.top = top
+        return True
 
 
 class SeenKeys:

@@ -10,7 +10,7 @@ import pytest
 from analysis import plot, report, stats
 from analysis.log_format import LogFormatError
 from analysis.logfile import read_log
-from analysis.seen_keys import SeenKeys
+from analysis.seen_keys import SeenKeys, SeenRoutes
 from analysis.metrics import (analysis_note, coactivation, confidence_stats, expert_shares, layer_stats,
                               load_over_time, model_title, token_specialisation, top_pairs)
 
@@ -267,6 +267,46 @@ def test_titles_name_the_model_as_served_and_say_when_weights_were_random():
     assert model_title({"model_id": "/tmp/kit/models/qwen", "served_model_name": "/tmp/kit/models/qwen",
                         "load_format": "auto"}) == "models/qwen"
     assert model_title({"layers_logged": [0], "top_k": 2}) == "unnamed model"
+
+
+def seen_routes_against_a_set(chunks) -> SeenRoutes:
+    """Feeds (group, position) chunks to SeenRoutes and checks every answer against a set."""
+    seen, reference = SeenRoutes(), set()
+    for group, position in chunks:
+        group, position = np.asarray(group, np.int64), np.asarray(position, np.int64)
+        keys = (group.astype(np.uint64) << np.uint64(32)) | position.astype(np.uint64)
+        expected = []
+        for key in zip(group.tolist(), position.tolist()):
+            expected.append(key not in reference)
+            reference.add(key)
+        assert seen.add_new(group, position, keys).tolist() == expected
+    return seen
+
+
+def test_seen_routes_prove_growing_chunks_new_without_a_set():
+    """Groups interleaved, each one's positions growing from chunk to chunk (not within
+    one: a chunk may hold a group's positions in any order): no exact set is built."""
+    rng = np.random.default_rng(1)
+    chunks = []
+    for start in range(0, 60, 12):
+        group = np.repeat(np.arange(5), 12)
+        position = np.tile(np.arange(start, start + 12), 5)
+        order = rng.permutation(60)
+        chunks.append((group[order], position[order]))
+    seen = seen_routes_against_a_set(chunks)
+    assert seen.exact is None and len(seen.kept) == 5
+
+
+@pytest.mark.parametrize("late", [
+    ([0, 1, 0], [12, 0, 12]),     # a repeat inside the chunk
+    ([0], [5]),                   # a group going back to a position it had
+    ([1], [3]),                   # going back to one it never had: new, but only a set can tell
+    ([2, 0], [10_000, 12]),       # a span too sparse for the chunk's count
+])
+def test_seen_routes_turn_exact_when_a_chunk_breaks_the_proof(late):
+    early = [([0] * 12 + [1] * 4, list(range(12)) + [0, 1, 2, 5])]
+    seen = seen_routes_against_a_set(early + [late, ([0, 1, 2], [13, 6, 3]), ([0, 0], [13, 14])])
+    assert seen.exact is not None and not seen.kept
 
 
 def test_seen_keys_tell_new_keys_exactly_across_chunks():
