@@ -17,7 +17,7 @@ class Aggregates:
         self.layers = layers
         self.num_experts = num_experts
         self.window = window
-        self.pairs = np.zeros((len(layers), num_experts, num_experts), np.int64)  # [slot, a, b], a < b
+        self.pairs = np.zeros((len(layers), num_experts, num_experts), np.int64)  # [slot, a, b], either order
         self.top1 = np.zeros((len(layers), BINS), np.int64)
         self.mass = np.zeros((len(layers), BINS), np.int64)
         self.partial = np.zeros((len(layers), num_experts), np.int64)  # the open window's counts
@@ -36,35 +36,49 @@ class Aggregates:
         """Distinct route records in log order: layer slot [n]; ids, weights [n, top_k].
         One bincount per aggregate over all layers at once (cell = slot, then value)."""
         e, layers, k = self.num_experts, len(self.layers), ids.shape[1]
-        first, second = np.triu_indices(k, 1)
-        narrow = ids.astype(np.int32, copy=False)  # a third faster than int64 here; cells < 2**31
-        x, y = narrow[:, first], narrow[:, second]
-        cells = np.minimum(x, y)  # (slot, low, high), in place: these arrays are n x pairs
-        x += y
-        x -= cells
-        cells += (slot.astype(np.int32) * e)[:, None]
-        cells *= e
-        cells += x
+        slot = slot.astype(np.int64, copy=False)
+        columns = ids.T.astype(np.int64)  # [k, n], contiguous
+        # Pair (i, j), i < j in the row, counted at [slot, id_i, id_j]: either triangle;
+        # frames() folds them. Filled in place: these arrays are pairs x n.
+        cells = np.empty((k * (k - 1) // 2, len(slot)), np.int64)
+        row, base = 0, slot * e
+        for i in range(k - 1):
+            first = (base + columns[i]) * e
+            for j in range(i + 1, k):
+                np.add(first, columns[j], out=cells[row])
+                row += 1
         self.pairs += np.bincount(cells.ravel(), minlength=layers * e * e).reshape(layers, e, e)
-        self.top1 += _histogram(slot, _across(np.maximum, weights), layers)
-        self.mass += _histogram(slot, _across(np.add, weights), layers)
-        order = np.argsort(slot, kind="stable")  # each layer's rows, still in log order
-        bounds = np.searchsorted(slot[order], np.arange(layers + 1))
-        for s in np.flatnonzero(np.diff(bounds)):
-            self._add_windows(int(s), ids[order[bounds[s] : bounds[s + 1]]])
+        base = slot * BINS
+        self.top1 += _histogram(base, _across(np.maximum, weights), layers)
+        self.mass += _histogram(base, _across(np.add, weights), layers)
+        self._add_windows(slot, ids)
 
-    def _add_windows(self, s: int, ids: np.ndarray) -> None:
+    def _add_windows(self, slot: np.ndarray, ids: np.ndarray) -> None:
+        """Each layer's rows, in log order, fill its windows: one bincount for all of them
+        (window rows allocated per layer, layers in order), then the closed ones' max/mean."""
         e, w = self.num_experts, self.window
-        at = self.filled[s] + np.arange(len(ids))
-        index = at // w  # 0: the open window
-        counts = np.bincount((index[:, None] * e + ids).ravel(), minlength=(index[-1] + 1) * e)
-        counts = counts.reshape(-1, e)
-        counts[0] += self.partial[s]
-        closed = len(counts) - 1 if at[-1] % w != w - 1 else len(counts)
-        for i in range(closed):
-            self._close_window(s, counts[i], w)
-        self.partial[s] = counts[closed] if closed < len(counts) else 0
-        self.filled[s] = (at[-1] + 1) % w
+        if len(slot) > 1 and not (slot[1:] >= slot[:-1]).all():  # a JSONL chunk: layers interleaved
+            order = np.argsort(slot.astype(np.int16), kind="stable")  # radix: each layer's rows in log order
+            slot, ids = slot[order], ids[order]
+        rows = np.bincount(slot, minlength=len(self.layers))  # [layers]
+        first = np.cumsum(rows) - rows
+        at = self.filled[slot] + np.arange(len(slot)) - first[slot]  # place in the layer's open windows
+        spans = np.where(rows > 0, (self.filled + rows - 1) // w + 1, 0)  # windows touched, per layer
+        start = np.cumsum(spans) - spans
+        window = start[slot] + at // w
+        counts = np.bincount((window[:, None] * e + ids).ravel(), minlength=spans.sum() * e).reshape(-1, e)
+        present = np.flatnonzero(rows)
+        counts[start[present]] += self.partial[present]
+        ends = self.filled[present] + rows[present]  # rows in the layer's windows so far
+        closes = spans[present] - (ends % w != 0)  # the last stays open unless it is full
+        closed = np.repeat(start[present], closes) + _ranks(closes)
+        ratios = (counts[closed].max(1) / (counts[closed].sum(1) / e)).tolist()
+        numbers = np.repeat(self.closed[present], closes) + _ranks(closes)
+        self.windows += zip(np.repeat(present, closes).tolist(), numbers.tolist(), [w] * len(closed), ratios)
+        self.closed[present] += closes
+        still = closes < spans[present]
+        self.partial[present] = np.where(still[:, None], counts[start[present] + spans[present] - 1], 0)
+        self.filled[present] = ends % w
 
     def _close_window(self, s: int, counts: np.ndarray, tokens: int) -> None:
         self.windows.append((s, int(self.closed[s]), tokens, float(counts.max() / counts.mean())))
@@ -79,8 +93,9 @@ class Aggregates:
 
     def frames(self) -> dict[str, pd.DataFrame]:
         layer = np.asarray(self.layers)
-        s, a, b = np.nonzero(self.pairs)
-        pairs = pd.DataFrame({"layer": layer[s], "a": a, "b": b, "count": self.pairs[s, a, b]})
+        pairs = np.triu(self.pairs) + np.triu(self.pairs.transpose(0, 2, 1), 1)  # [slot, a, b], a <= b
+        s, a, b = np.nonzero(pairs)
+        pairs = pd.DataFrame({"layer": layer[s], "a": a, "b": b, "count": pairs[s, a, b]})
         edges = np.linspace(0, 1, BINS + 1)[:-1]
         confidence = pd.concat([
             pd.DataFrame({"layer": np.repeat(layer, BINS), "measure": measure,
@@ -101,7 +116,15 @@ def _across(ufunc, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _histogram(slot: np.ndarray, values: np.ndarray, layers: int) -> np.ndarray:
-    """[layers, BINS] counts of ``values`` per layer slot."""
-    bins = np.clip((values * BINS).astype(np.int64), 0, BINS - 1)
-    return np.bincount(slot * BINS + bins, minlength=layers * BINS).reshape(layers, BINS)
+def _histogram(base: np.ndarray, values: np.ndarray, layers: int) -> np.ndarray:
+    """[layers, BINS] counts of ``values`` (overwritten) per layer; ``base``: slot x BINS."""
+    values *= BINS
+    bins = values.astype(np.int64)
+    np.clip(bins, 0, BINS - 1, out=bins)
+    bins += base
+    return np.bincount(bins, minlength=layers * BINS).reshape(layers, BINS)
+
+
+def _ranks(sizes: np.ndarray) -> np.ndarray:
+    """0..size-1 for each size, concatenated."""
+    return np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)

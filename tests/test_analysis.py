@@ -258,6 +258,7 @@ def test_token_specialisation_joins_token_ids_given_once_per_request(tmp_path):
     experts = token_specialisation(log, 0, top=2, min_count=1, decode=lambda t: f"<{t}>")
     assert experts[0]["most_seen"][0] == {"token": 100, "text": "<100>", "count": 3, "share": 0.6, "lift": 2.2}  # 0.6 / (3 / 11)
     assert [t["token"] for t in experts[3]["most_specific"]] == [103, 300] and experts[3]["selections"] == 3
+    assert [t["token"] for t in experts[2]["most_seen"]] == [201]  # its only token, none of expert 3's
     assert read_log(write_log(tmp_path / "none.jsonl", meta(), {"a": 2}, [])).token_counts is None
 
 
@@ -267,6 +268,30 @@ def test_titles_name_the_model_as_served_and_say_when_weights_were_random():
     assert model_title({"model_id": "/tmp/kit/models/qwen", "served_model_name": "/tmp/kit/models/qwen",
                         "load_format": "auto"}) == "models/qwen"
     assert model_title({"layers_logged": [0], "top_k": 2}) == "unnamed model"
+
+
+def test_pairs_and_windows_match_a_plain_count_whatever_the_chunks(tmp_path):
+    """Three layers interleaved per token, as a JSONL log has them; ids in either order.
+    Read in chunks that cut windows anywhere, the pairs and windows equal a direct count."""
+    rng = np.random.default_rng(3)
+    routes = [(f"r{r}", t, layer, tuple(rng.choice(6, 3, replace=False).tolist()), (0.5, 0.3, 0.2))
+              for r in range(4) for t in range(9) for layer in (0, 2, 5)]
+    path = write_log(tmp_path / "w.jsonl", meta(num_experts=6, top_k=3, layers=(0, 2, 5)), {}, routes)
+    pairs, windows = {}, []
+    for layer in (0, 2, 5):
+        rows = [ids for _, _, at, ids, _ in routes if at == layer]
+        for ids in rows:
+            for i in range(3):
+                for j in range(i + 1, 3):
+                    key = (layer, min(ids[i], ids[j]), max(ids[i], ids[j]))
+                    pairs[key] = pairs.get(key, 0) + 1
+        for n, first in enumerate(range(0, len(rows), 7)):
+            counts = np.bincount(np.ravel(rows[first:first + 7]), minlength=6)
+            windows.append((layer, n, len(rows[first:first + 7]), counts.max() / counts.mean()))
+    for chunk in (300, 2000, 1 << 20):
+        log = read_log(path, chunk_bytes=chunk, window=7)
+        assert {(r.layer, r.a, r.b): r.count for r in log.pairs.itertuples()} == pairs, chunk
+        assert sorted(log.windows.itertuples(index=False, name=None)) == windows, chunk
 
 
 def seen_routes_against_a_set(chunks) -> SeenRoutes:
