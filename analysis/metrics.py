@@ -184,20 +184,38 @@ def token_specialisation(log: RouteLog, layer: int, top: int = 5, min_count: int
     ``decode``: token id -> text, when a tokenizer is at hand. None without token ids."""
     if log.token_counts is None:
         return None
-    rows = log.token_counts[log.token_counts["layer"] == layer]
-    token_share = rows.groupby("token")["count"].sum() / rows["count"].sum()
-    per_expert = rows.groupby("expert")["count"].transform("sum")
-    rows = rows.assign(share=rows["count"] / per_expert, lift=rows["count"] / per_expert / rows["token"].map(token_share))
+    rows = log.token_counts[log.token_counts["layer"] == layer]  # by expert, then token
+    token, expert, count = (rows[c].to_numpy() for c in ("token", "expert", "count"))
+    selections = np.bincount(expert, weights=count)
+    share = count / selections[expert]
+    lift = share / (np.bincount(token, weights=count) / count.sum())[token]
 
-    def entries(table):
-        return [{"token": int(t), **({"text": decode(int(t))} if decode else {}), "count": int(n),
-                 "share": round(float(sh), 4), "lift": round(float(li), 2)}
-                for t, n, sh, li in table[["token", "count", "share", "lift"]].itertuples(index=False)]
+    def entries(picked):
+        return [{"token": t, **({"text": decode(t)} if decode else {}), "count": n,
+                 "share": round(sh, 4), "lift": round(li, 2)}
+                for t, n, sh, li in zip(token[picked].tolist(), count[picked].tolist(),
+                                        share[picked].tolist(), lift[picked].tolist())]
 
     out = []
-    for expert, table in rows.groupby("expert", sort=True):
-        seen = table.sort_values(["count", "token"], ascending=[False, True], kind="stable").head(top)
-        specific = table[table["count"] >= min_count].sort_values(["lift", "count"], ascending=False, kind="stable")
-        out.append({"expert": int(expert), "selections": int(table["count"].sum()),
-                    "most_seen": entries(seen), "most_specific": entries(specific.head(top))})
+    for e in np.unique(expert).tolist():
+        first, last = np.searchsorted(expert, [e, e + 1])
+        rows_e = np.arange(first, last)
+        strong = rows_e[count[rows_e] >= min_count]
+        out.append({"expert": e, "selections": int(selections[e]),
+                    "most_seen": entries(rows_e[_leading([count[rows_e]], top)]),
+                    "most_specific": entries(strong[_leading([lift[strong], count[strong]], top)])})
     return out
+
+
+def _leading(keys: list[np.ndarray], top: int) -> np.ndarray:
+    """Positions of the ``top`` rows that a stable sort by ``keys`` (each descending, the
+    first most significant) puts first; ties keep row order. Only the rows whose first
+    key reaches the top-th largest are sorted (with one key, the first of the tied ones)."""
+    first = keys[0]
+    rows = np.arange(len(first))
+    if len(first) > top:
+        cut = -np.partition(-first, top - 1)[top - 1]  # the top-th largest (selecting near the start is faster)
+        above, tied = np.flatnonzero(first > cut), np.flatnonzero(first == cut)
+        rows = np.concatenate([above, tied if len(keys) > 1 else tied[: top - len(above)]])
+    order = np.lexsort([rows] + [-k[rows] for k in reversed(keys)])
+    return rows[order[:top]]
