@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from analysis.aggregates import WINDOW, Aggregates
+from analysis.heap import keep_freed_memory
 from analysis.log_format import (CHUNK_BYTES, PHASES, TOKEN_LAYERS, LogFormatError, RouteLog, finite,
                                  parse_block, read_meta, records_of)
 from analysis.seen_keys import SeenRoutes
@@ -28,6 +29,7 @@ from analysis.tokens import TokenCounts
 def read_for_cli(path: str, layers: list[int] | None) -> tuple[RouteLog, list[int]]:
     """read_log for the command-line shells: a bad log or an unlogged layer becomes one
     line on stderr and exit status 2. Returns the log and the layers asked (default all)."""
+    keep_freed_memory()
     try:
         log = read_log(path, token_layers=(layers or [])[:TOKEN_LAYERS] or None)
     except (LogFormatError, OSError) as e:
