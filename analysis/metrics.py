@@ -27,11 +27,15 @@ def model_title(meta: dict) -> str:
 def expert_shares(loads: pd.DataFrame, layer: int, phases=None, weighted: bool = False) -> pd.Series:
     """Each expert's share of the layer's selections (or of its summed gate weight),
     every expert present, summing to 1; all NaN if nothing was routed."""
-    rows = loads[loads["layer"] == layer]
+    keep = loads["layer"].to_numpy() == layer
     if phases is not None:
-        rows = rows[rows["phase"].isin([phases] if isinstance(phases, str) else phases)]
-    totals = rows.groupby("expert")["weight" if weighted else "count"].sum().astype(float)
-    return totals / totals.sum() if totals.sum() > 0 else totals * np.nan
+        keep &= np.isin(loads["phase"].to_numpy(), [phases] if isinstance(phases, str) else phases)
+    column = "weight" if weighted else "count"
+    experts, values = loads["expert"].to_numpy()[keep], loads[column].to_numpy()[keep]
+    present = np.unique(experts)
+    totals = np.bincount(experts, weights=values)[present] if len(experts) else np.zeros(0)
+    shares = totals / totals.sum() if totals.sum() > 0 else totals * np.nan
+    return pd.Series(shares, index=pd.Index(present, name="expert"), name=column)
 
 
 def entropy_bits(shares: pd.Series) -> float:
@@ -42,19 +46,20 @@ def entropy_bits(shares: pd.Series) -> float:
 def distribution_stats(shares: pd.Series) -> dict:
     """Top-3, entropy (bits and / log2(num_experts)), max/mean load, coefficient of variation."""
     num_experts = len(shares)
-    if shares.isna().all():
+    values, experts = shares.to_numpy(), shares.index.to_numpy()
+    if np.isnan(values).all():
         return {"top3": [], "entropy_bits": math.nan, "entropy_norm": math.nan,
                 "max_over_mean": math.nan, "cv": math.nan, "unused_experts": num_experts}
-    top = shares.sort_values(ascending=False, kind="stable").head(3)
+    top = np.argsort(-values, kind="stable")[:3]  # ties: the lower expert first
     entropy = entropy_bits(shares)
     mean = 1.0 / num_experts
     return {
-        "top3": [{"expert": int(e), "share": float(s)} for e, s in top.items()],
+        "top3": [{"expert": int(e), "share": float(s)} for e, s in zip(experts[top], values[top])],
         "entropy_bits": entropy,
         "entropy_norm": entropy / math.log2(num_experts) if num_experts > 1 else math.nan,
-        "max_over_mean": float(shares.max() / mean),
-        "cv": float(shares.std(ddof=0) / mean),
-        "unused_experts": int((shares == 0).sum()),
+        "max_over_mean": float(values.max() / mean),
+        "cv": float(values.std() / mean),
+        "unused_experts": int((values == 0).sum()),
     }
 
 
@@ -116,7 +121,7 @@ def coactivation(log: RouteLog, layer: int) -> np.ndarray:
     the same number of pairs (each token's top-k makes k(k-1)/2 pairs). 1: as expected;
     NaN where either expert was never chosen; symmetric, NaN on the diagonal."""
     e = log.meta["num_experts"]
-    rows = log.pairs[log.pairs["layer"] == layer]
+    rows = log.pairs[log.pairs["layer"].to_numpy() == layer]
     counts = np.zeros((e, e))
     counts[rows["a"], rows["b"]] = rows["count"]
     chosen = log.loads[log.loads["layer"] == layer].groupby("expert")["count"].sum().reindex(range(e), fill_value=0)
@@ -133,7 +138,7 @@ def coactivation(log: RouteLog, layer: int) -> np.ndarray:
 def top_pairs(log: RouteLog, layer: int, top: int = 10, min_count: int = 10) -> list[dict]:
     """The pairs with the highest lift among those chosen together at least ``min_count``
     times: [{"experts": [a, b], "count": n, "lift": x}]."""
-    rows = log.pairs[(log.pairs["layer"] == layer) & (log.pairs["count"] >= min_count)]
+    rows = log.pairs[(log.pairs["layer"].to_numpy() == layer) & (log.pairs["count"].to_numpy() >= min_count)]
     if rows.empty:
         return []
     lift = coactivation(log, layer)[rows["a"], rows["b"]]
