@@ -180,7 +180,7 @@ class LogReader:
         # A chunk holds few distinct requests: work on their ids, then index per row.
         encoded = pc.dictionary_encode(routes["req_id"]).combine_chunks()
         names, row_req = encoded.dictionary, encoded.indices.to_numpy()
-        fresh = self._first_sightings(names, row_req, routes["sample"], token_idx, layer, slot)
+        fresh = self._first_sightings(names, row_req, routes["sample"], token_idx, slot)
         self.log.records += len(layer)
         self.log.duplicates += int((~fresh).sum())
         phase = self._phases(names, row_req, token_idx, routes["cached"])
@@ -216,13 +216,10 @@ class LogReader:
         self.agg.grow(num_experts)
         self.num_experts = num_experts
 
-    def _first_sightings(self, names, row_req, sample, token_idx, layer, slot) -> np.ndarray:
+    def _first_sightings(self, names, row_req, sample, token_idx, slot) -> np.ndarray:
         """True for (req_id, sample, token_idx, layer) keys not seen before."""
-        req = pd.util.hash_array(names.to_numpy(zero_copy_only=False))[row_req]
-        sample = sample.fill_null(0).to_numpy()
-        key = req ^ (token_idx.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-        key ^= (layer.astype(np.uint64) << np.uint64(48)) ^ (sample.astype(np.uint64) << np.uint64(40))
-        return self.seen.add_new(self._streams(names, row_req, sample) * len(self.layers) + slot, token_idx, key)
+        group = self._streams(names, row_req, sample.fill_null(0).to_numpy()) * len(self.layers) + slot
+        return self.seen.add_new(group, token_idx)
 
     def _streams(self, names, row_req, sample) -> np.ndarray:
         """Each row's dense (req_id, sample) id: a dict lookup per distinct pair of the chunk."""

@@ -8,9 +8,9 @@ so far is new, and a count of each row's (group, position) cell in the chunk fin
 repeat inside it. The first chunk that fails that proof turns on the exact set
 (SeenKeys) of every key seen, built once from the keys kept until then.
 
-SeenKeys: keys are 64-bit hashes of (req_id, sample, token_idx, layer). Most keys of a
-log are new, so the set answers "new" cheaply first: a bitmap indexed by a key's top
-BITS bits (32 MiB) has no bit set for a key never added. Only keys whose bit is set (an
+SeenKeys: a key is a row's group in the high 32 bits and its position in the low 32,
+exact. Most keys of a log are new, so the set answers "new" cheaply first: a bitmap
+indexed by BITS bits of the key, mixed (32 MiB), has no bit set for a key never added. Only keys whose bit is set (an
 earlier key shared those bits, or the key itself came before) are looked up exactly, in
 sorted runs of the keys added so far. A run is merged with the one before it while that
 one is at most twice its size, so about log2(keys / chunk) runs stay apart. Memory: the
@@ -20,6 +20,7 @@ bitmap plus 8 bytes per key (16 while the two largest runs merge).
 import numpy as np
 
 BITS = 28
+MIX = np.uint64(0x9E3779B97F4A7C15)  # spreads dense keys over the bitmap
 SPAN = 8  # a chunk whose groups span more positions than SPAN x its rows is checked exactly
 
 
@@ -29,10 +30,10 @@ class SeenRoutes:
         self.kept: list[np.ndarray] = []  # every key so far, until the exact set is needed
         self.exact: SeenKeys | None = None
 
-    def add_new(self, group: np.ndarray, position: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    def add_new(self, group: np.ndarray, position: np.ndarray) -> np.ndarray:
         """True for the rows not seen before (nor earlier in this chunk): ``group`` [n] a
-        dense id of (request, sample, layer), ``position`` [n] its token_idx, ``keys`` [n]
-        the rows' SeenKeys hashes."""
+        dense id of (request, sample, layer), ``position`` [n] its token_idx."""
+        keys = (group.astype(np.uint64) << np.uint64(32)) | (position.astype(np.int64) & 0xFFFFFFFF).astype(np.uint64)
         if self.exact is None:
             if self._all_new(group, position.astype(np.int64, copy=False)):
                 self.kept.append(keys)
@@ -97,7 +98,7 @@ class SeenKeys:
 
     def _known(self, keys: np.ndarray) -> np.ndarray:
         """True for keys added before: the bitmap clears most, the runs the rest."""
-        slot = (keys >> np.uint64(64 - BITS)).astype(np.int64)
+        slot = _slots(keys)
         maybe = np.flatnonzero((self.bitmap[slot >> 3] >> (slot & 7).astype(np.uint8)) & 1)
         known = np.zeros(len(keys), bool)
         for run in self.runs:
@@ -113,10 +114,8 @@ class SeenKeys:
         """Sorted keys not added before."""
         if not len(ordered):
             return
-        slot = (ordered >> np.uint64(64 - BITS)).astype(np.int64)
-        byte, bits = slot >> 3, np.left_shift(np.uint8(1), (slot & 7).astype(np.uint8))
-        starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])  # sorted: one OR per byte
-        self.bitmap[byte[starts]] |= np.bitwise_or.reduceat(bits, starts)
+        slot = _slots(ordered)
+        np.bitwise_or.at(self.bitmap, slot >> 3, np.left_shift(np.uint8(1), (slot & 7).astype(np.uint8)))
         self._push(ordered)
 
     def _push(self, run: np.ndarray) -> None:
@@ -125,3 +124,7 @@ class SeenKeys:
             merged = np.concatenate([self.runs.pop(), self.runs.pop()])
             merged.sort(kind="stable")
             self.runs.append(merged)
+
+
+def _slots(keys: np.ndarray) -> np.ndarray:
+    return ((keys * MIX) >> np.uint64(64 - BITS)).astype(np.int64)

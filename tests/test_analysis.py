@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import plot, report, stats
+from analysis import plot, report, seen_keys, stats
 from analysis.log_format import LogFormatError
 from analysis.logfile import read_log
 from analysis.seen_keys import SeenKeys, SeenRoutes
@@ -299,12 +299,11 @@ def seen_routes_against_a_set(chunks) -> SeenRoutes:
     seen, reference = SeenRoutes(), set()
     for group, position in chunks:
         group, position = np.asarray(group, np.int64), np.asarray(position, np.int64)
-        keys = (group.astype(np.uint64) << np.uint64(32)) | position.astype(np.uint64)
         expected = []
         for key in zip(group.tolist(), position.tolist()):
             expected.append(key not in reference)
             reference.add(key)
-        assert seen.add_new(group, position, keys).tolist() == expected
+        assert seen.add_new(group, position).tolist() == expected
     return seen
 
 
@@ -334,9 +333,10 @@ def test_seen_routes_turn_exact_when_a_chunk_breaks_the_proof(late):
     assert seen.exact is not None and not seen.kept
 
 
-def test_seen_keys_tell_new_keys_exactly_across_chunks():
-    """Against a Python set: repeats within a chunk, across chunks, and keys that share
-    their top bits with an earlier one (the bitmap cannot tell those apart)."""
+def test_seen_keys_tell_new_keys_exactly_across_chunks(monkeypatch):
+    """Against a Python set: repeats within a chunk and across chunks, and, with a bitmap
+    of 256 bits, many new keys whose bit an earlier key set."""
+    monkeypatch.setattr(seen_keys, "BITS", 8)
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, 4000, dtype=np.uint64)
     pool = np.concatenate([base, base ^ np.uint64(1), base ^ np.uint64(1 << 20)])
