@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 
 from analysis.aggregates import WINDOW, Aggregates
 from analysis.heap import keep_freed_memory
-from analysis.log_format import (CHUNK_BYTES, PHASES, TOKEN_LAYERS, LogFormatError, RouteLog, finite,
-                                 parse_block, read_meta, records_of)
+from analysis.log_format import (CHUNK_BYTES, PHASES, TOKEN_LAYERS, WEIGHT_UNITS, LogFormatError, RouteLog, finite,
+                                 parse_block, read_meta, records_of, weight_units)
 from analysis.seen_keys import SeenRoutes
 from analysis.tokens import TokenCounts
 
@@ -86,7 +86,7 @@ class LogReader:
         self.token_counts = TokenCounts(self.layers, token_layers or self.layers[:1])
         shape = (len(self.layers), len(PHASES), self.num_experts)
         self.count = np.zeros(shape, np.int64)
-        self.weight = np.zeros(shape, np.float64)
+        self.weight = np.zeros(shape, np.int64)  # in 1 / WEIGHT_UNITS: exact, whatever the order of reading
         self.tokens = np.zeros(shape[:2], np.int64)
         self.prompt_len: dict[str, int] = {}
         self.seen = SeenRoutes()  # every route key counted so far
@@ -201,7 +201,7 @@ class LogReader:
         cell = (slot * len(PHASES) + phase)[:, None] * self.num_experts + ids
         size = self.count.size
         self.count += np.bincount(cell.ravel(), minlength=size).reshape(self.count.shape)
-        self.weight += np.bincount(cell.ravel(), weights.ravel(), size).reshape(self.weight.shape)
+        self.weight += weight_units(cell, weights, size).reshape(self.weight.shape)
         self.tokens += np.bincount(slot * len(PHASES) + phase, minlength=self.tokens.size).reshape(self.tokens.shape)
 
     def _settle(self) -> None:
@@ -293,7 +293,7 @@ class LogReader:
             log.notes.append(f"{log.duplicates} repeated route records were counted once")
         index = pd.MultiIndex.from_product([self.layers, PHASES, range(self.num_experts)],
                                            names=["layer", "phase", "expert"])
-        log.loads = pd.DataFrame({"count": self.count.ravel(), "weight": self.weight.ravel()},
+        log.loads = pd.DataFrame({"count": self.count.ravel(), "weight": self.weight.ravel() / WEIGHT_UNITS},
                                  index=index).reset_index()
         tokens_index = pd.MultiIndex.from_product([self.layers, PHASES], names=["layer", "phase"])
         log.tokens = pd.DataFrame({"tokens": self.tokens.ravel()}, index=tokens_index).reset_index()

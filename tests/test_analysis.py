@@ -294,6 +294,22 @@ def test_pairs_and_windows_match_a_plain_count_whatever_the_chunks(tmp_path):
         assert sorted(log.windows.itertuples(index=False, name=None)) == windows, chunk
 
 
+def test_summed_weights_are_exact_whatever_the_chunks(tmp_path):
+    """Each expert's summed gate weight is the exact sum of the 9-decimal weights, rounded
+    once: no order of reading (chunks, or a parquet log's batches) changes a bit of it."""
+    from decimal import Decimal
+
+    rng = np.random.default_rng(5)
+    texts = [f"{w:.9f}" for w in rng.random(300)]
+    routes = [("a", t, 0, (t % 7, 7), (float(texts[t]), 0.5)) for t in range(300)]
+    path = write_log(tmp_path / "s.jsonl", meta(), {"a": 300}, routes)
+    exact = [float(sum((Decimal(texts[t]) for t in range(300) if t % 7 == e), Decimal(0))) for e in range(7)]
+    for chunk in (200, 1000, 1 << 20):
+        loads = read_log(path, chunk_bytes=chunk).loads
+        weight = loads[loads["phase"] == "prompt"].set_index("expert")["weight"]
+        assert weight.tolist()[:7] == exact and weight[7] == 150.0, chunk
+
+
 def seen_routes_against_a_set(chunks) -> SeenRoutes:
     """Feeds (group, position) chunks to SeenRoutes and checks every answer against a set."""
     seen, reference = SeenRoutes(), set()
