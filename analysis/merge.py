@@ -12,18 +12,25 @@ pipeline stage 0; DP ranks serve disjoint requests and say which in ``dp_rank``)
 one 'end' record holding each shard's. If a shard has no 'end' (its rank was killed),
 neither has the merged log, so readers report it as incomplete; if a shard ends with
 a provisional 'end' (its rank was killed while idle), so does the merged log.
+
+Parquet shards (log.dp0.parquet/ ...) merge into a parquet log: their records.jsonl as
+above, and every closed part of every shard linked (hard links; copies across file
+systems) into LOG/routes/ under a new number, its 'part' record renamed with it.
 """
 
 import argparse
 import glob
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 SUMMED = ("steps", "route_records", "engine_waits", "engine_wait_s", "requests_not_logged",
           "cached_route_records")
+PARQUET_SUMMED = ("route_parts",)
+RECORDS, ROUTES = "records.jsonl", "routes"  # a parquet log's (parquet_log.py)
 
 
 class MergeError(ValueError):
@@ -52,12 +59,14 @@ def merge(log: str | Path, out: str | Path | None = None) -> dict:
     metas = [_meta(s) for s in shards]
     _check_same_run(shards, metas)
     out = Path(out or log)
+    parts = _Parts(out) if shards[0].is_dir() else None
     ends, dropped = [], {}
-    with open(out, "wb") as dst:
+    with open(out / RECORDS if parts else out, "wb") as dst:
         dst.write(_line(_merged_meta(metas, shards)))
         for shard, meta in zip(shards, metas):
             keep_requests = meta["parallel"]["writer"]["pp_rank"] == 0
-            end, tail = _copy_body(shard, dst, keep_requests)
+            renamed = parts.link(shard) if parts else {}
+            end, tail = _copy_body(_records(shard), dst, keep_requests, renamed)
             ends.append(end)
             if tail:
                 dropped[shard.name] = tail
@@ -74,8 +83,36 @@ def merge(log: str | Path, out: str | Path | None = None) -> dict:
     }
 
 
+class _Parts:
+    """The merged parquet log's routes/: parts numbered in shard order."""
+
+    def __init__(self, out: Path):
+        self.routes = out / ROUTES
+        if self.routes.is_dir() and any(self.routes.iterdir()):
+            raise MergeError(f"{self.routes} already holds parts; merge into a new --out")
+        self.routes.mkdir(parents=True, exist_ok=True)
+        self.count = 0
+
+    def link(self, shard: Path) -> dict[str, str]:
+        """Links the shard's closed parts; returns their records' new 'file' names."""
+        renamed = {}
+        for part in sorted((shard / ROUTES).glob("part-*.parquet")):
+            name = f"part-{self.count:06d}.parquet"
+            try:
+                os.link(part, self.routes / name)
+            except OSError:
+                shutil.copyfile(part, self.routes / name)
+            renamed[f"{ROUTES}/{part.name}"] = f"{ROUTES}/{name}"
+            self.count += 1
+        return renamed
+
+
+def _records(shard: Path) -> Path:
+    return shard / RECORDS if shard.is_dir() else shard
+
+
 def _meta(path: Path) -> dict:
-    with open(path, "rb") as f:
+    with open(_records(path), "rb") as f:
         first = f.readline()
     try:
         meta = json.loads(first)
@@ -111,9 +148,10 @@ def _merged_meta(metas: list[dict], shards: list[Path]) -> dict:
     return meta
 
 
-def _copy_body(shard: Path, dst, keep_requests: bool) -> tuple[dict | None, int]:
-    """Copies a shard's records after its meta line; returns its 'end' record (None
-    if absent) and the length of an unfinished last line, which is not copied."""
+def _copy_body(shard: Path, dst, keep_requests: bool, renamed: dict[str, str]) -> tuple[dict | None, int]:
+    """Copies a shard's records after its meta line (a 'part' with its file renamed);
+    returns its 'end' record (None if absent) and the length of an unfinished last line,
+    which is not copied."""
     end, tail = None, 0
     with open(shard, "rb") as src:
         src.readline()
@@ -124,6 +162,10 @@ def _copy_body(shard: Path, dst, keep_requests: bool) -> tuple[dict | None, int]
             kind = _kind(line)
             if kind == "end":
                 end = json.loads(line)
+            elif kind == "part":
+                part = json.loads(line)
+                missing = f"{part['file']}.missing-from-{shard.parent.name}"  # no other shard's name
+                dst.write(_line(part | {"file": renamed.get(part["file"], missing)}))
             elif kind in ("route", "gap") or keep_requests:  # a gap names its shard's layers
                 dst.write(line)
     return end, tail
@@ -141,7 +183,8 @@ def _merged_end(metas: list[dict], shards: list[Path], ends: list[dict]) -> dict
     return {
         "type": "end",
         "final": all(e.get("final", True) for e in ends),
-        **{key: sum(e.get(key, 0) for e in ends) for key in SUMMED},
+        **{key: sum(e.get(key, 0) for e in ends) for key in SUMMED + tuple(k for k in PARQUET_SUMMED
+                                                                          if any(k in e for e in ends))},
         "requests": sum(e["requests"] for e in stage0),
         "requests_ended": sum(e["requests_ended"] for e in stage0),
         "write_error": "; ".join(errors) or None,

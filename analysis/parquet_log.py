@@ -70,7 +70,7 @@ def _part_notes(meta: dict, listed: list[dict], found: list[Path], end: dict | N
         notes.append(f"part(s) {', '.join(missing)} named in records.jsonl are missing: their "
                      f"{sum(r['rows'] for r in listed if Path(r['file']).name in missing)} route records are not read")
     if end is None:  # a provisional 'end' comes after its parts closed: nothing open is lost
-        last = listed[-1]["closed_at"] if listed else "none closed"
+        last = listed[-1].get("closed_at", "its close time not recorded") if listed else "none closed"
         notes.append(f"routes end with the last closed part ({last}); the part open at the stop "
                      f"is lost: at most {meta.get('part_rows', '?')} route records or "
                      f"{meta.get('part_seconds', '?')} s of routing")

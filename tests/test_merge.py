@@ -23,7 +23,7 @@ def shard_lines(dp: int, req: str, final=True) -> list[dict]:
         {"type": "request", "req_id": req, "engine_req_id": f"{req}-0", "prompt_len": 2,
          "prompt_tokens_cached": 0, "dp_rank": dp},
         *({"type": "route", "req_id": req, "token_idx": t, "layer": 0, "topk_ids": [dp, 3],
-           "topk_weights": [0.6, 0.4]} for t in range(2)),
+           "topk_weights": [0.625, 0.375]} for t in range(2)),  # float32 values, as a router's
         {"type": "request_end", "req_id": req, "routed_positions": 2, "recomputed_positions": 0,
          "finished": True, "dp_rank": dp},
         {"type": "end", "final": final, "steps": 1, "route_records": 2, "requests": 1, "requests_ended": 1,
@@ -95,3 +95,41 @@ def test_shards_converted_to_parquet_and_back_still_merge(tmp_path):
     assert shards == ["log.dp0.parquet", "log.dp1.parquet"]
     assert merge(tmp_path / "back" / "log.jsonl")["complete"]
     assert (read_log(tmp_path / "back" / "log.jsonl").records, read_log(tmp_path / "log.dp1.jsonl").records) == (4, 2)
+
+
+def parquet_shards(tmp_path, killed: bool = False):
+    """The two JSONL shards, and each converted to a parquet shard under pq/."""
+    from analysis.convert import convert
+
+    for dp, req in ((0, "a"), (1, "b")):
+        lines = shard_lines(dp, req)
+        lines[-1]["route_parts"] = 1  # as the writer of a parquet shard ends it
+        write(tmp_path / f"log.dp{dp}.jsonl", lines[:-1] if killed and dp == 1 else lines)
+        convert(tmp_path / f"log.dp{dp}.jsonl", tmp_path / "pq" / f"log.dp{dp}.parquet")
+
+
+def test_parquet_shards_merge_into_a_parquet_log(tmp_path):
+    from analysis import stats
+
+    parquet_shards(tmp_path)
+    summary = merge(tmp_path / "pq" / "log.parquet")
+    assert summary["complete"] and summary["shards"] == ["log.dp0.parquet", "log.dp1.parquet"]
+    assert sorted(p.name for p in (tmp_path / "pq" / "log.parquet" / "routes").iterdir()) == [
+        "part-000000.parquet", "part-000001.parquet"]
+    merge(tmp_path / "log.jsonl")
+    merged, as_jsonl = read_log(tmp_path / "pq" / "log.parquet"), read_log(tmp_path / "log.jsonl")
+    assert (merged.records, merged.requests, merged.notes) == (4, 2, [])
+    assert merged.end["route_parts"] == 2 and merged.end["route_records"] == 4
+    assert stats.report(merged, [0], weighted=True) == stats.report(as_jsonl, [0], weighted=True)
+    with pytest.raises(MergeError, match="already holds parts"):
+        merge(tmp_path / "pq" / "log.parquet")
+
+
+def test_a_killed_parquet_shard_leaves_the_merged_log_incomplete(tmp_path):
+    parquet_shards(tmp_path, killed=True)
+    (tmp_path / "pq" / "log.dp0.parquet" / "routes" / "part-000000.parquet").unlink()
+    summary = merge(tmp_path / "pq" / "log.parquet")
+    assert not summary["complete"] and summary["shards_without_end"] == ["log.dp1.parquet"]
+    log = read_log(tmp_path / "pq" / "log.parquet")
+    assert log.end is None and log.records == 2
+    assert any("part-000000.parquet.missing-from-log.dp0.parquet" in note for note in log.notes)
