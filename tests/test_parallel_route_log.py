@@ -62,3 +62,25 @@ def test_merged_shards_equal_the_oracle(pp2, models, tmp_path):
             assert ends[(out["id"], s if len(out["samples"]) > 1 else None)]["generated_token_ids"] == generated[:-1]
     assert end["route_records"] == sum(e["route_records"] for e in end["shards"].values())
     check_against_oracle(merged, models["top2"], layers=[0, 1, 2, 3])
+
+
+def test_parquet_shards_merge_into_a_log_equal_to_the_oracle(models, tmp_path):
+    """The same run with VLLM_LOG_MOE_FORMAT=parquet: a directory per stage, merged
+    directly into one parquet log, which (converted for the oracle's reader) equals it."""
+    from analysis.convert import convert
+
+    env = {"VLLM_LOG_MOE": str(tmp_path / "routes.parquet"), "VLLM_LOG_MOE_LAYERS": "all",
+           "VLLM_CPU_OMP_THREADS_BIND": split_cpus(2)}
+    spec = top2_spec(models["top2"])
+    spec["engine"]["pipeline_parallel_size"] = 2
+    run = run_engine(tmp_path / "run", spec, env)
+    assert run.returncode == 0, run.output[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("routes.*.parquet")) == ["routes.pp0.parquet", "routes.pp1.parquet"]
+    summary = merge(tmp_path / "routes.parquet", tmp_path / "merged.parquet")
+    assert summary["complete"] and summary["shards"] == ["routes.pp0.parquet", "routes.pp1.parquet"]
+    convert(tmp_path / "merged.parquet", tmp_path / "merged.jsonl")
+    merged = dataclasses.replace(run, log=tmp_path / "merged.jsonl")
+    meta, _, requests, end = read_log(merged.log)
+    assert meta["layers_logged"] == [0, 1, 2, 3] and len(requests["request"]) == end["requests"] == 7
+    assert end["route_parts"] == len(list((tmp_path / "merged.parquet" / "routes").glob("part-*.parquet")))
+    check_against_oracle(merged, models["top2"], layers=[0, 1, 2, 3])
