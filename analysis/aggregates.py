@@ -32,9 +32,10 @@ class Aggregates:
         self.partial = np.pad(self.partial, ((0, 0), (0, extra)))
         self.num_experts = num_experts
 
-    def add(self, slot: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
-        """Distinct route records in log order: layer slot [n]; ids, weights [n, top_k].
-        One bincount per aggregate over all layers at once (cell = slot, then value)."""
+    def add_sums(self, slot: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+        """Pairs and histograms of distinct route records, in any order: layer slot [n];
+        ids, weights [n, top_k]. One bincount per aggregate over all layers at once (cell
+        = slot, then value). Touches none of what add_windows does (another thread's)."""
         e, layers, k = self.num_experts, len(self.layers), ids.shape[1]
         slot = slot.astype(np.int64, copy=False)
         columns = ids.T.astype(np.int64)  # [k, n], contiguous
@@ -51,11 +52,11 @@ class Aggregates:
         base = slot * BINS
         self.top1 += _histogram(base, _across(np.maximum, weights), layers)
         self.mass += _histogram(base, _across(np.add, weights), layers)
-        self._add_windows(slot, ids)
 
-    def _add_windows(self, slot: np.ndarray, ids: np.ndarray) -> None:
-        """Each layer's rows, in log order, fill its windows: one bincount for all of them
-        (window rows allocated per layer, layers in order), then the closed ones' max/mean."""
+    def add_windows(self, slot: np.ndarray, ids: np.ndarray) -> None:
+        """Distinct route records in log order: each layer's rows fill its windows, with one
+        bincount for all of them (window rows allocated per layer, layers in order), then
+        the closed ones' max/mean."""
         e, w = self.num_experts, self.window
         if len(slot) > 1 and not (slot[1:] >= slot[:-1]).all():  # a JSONL chunk: layers interleaved
             order = np.argsort(slot.astype(np.int16), kind="stable")  # radix: each layer's rows in log order

@@ -22,7 +22,7 @@ from analysis.aggregates import WINDOW, Aggregates
 from analysis.heap import keep_freed_memory
 from analysis.log_format import (CHUNK_BYTES, PHASES, TOKEN_LAYERS, WEIGHT_UNITS, LogFormatError, RouteLog, finite,
                                  parse_block, read_meta, records_of, weight_units)
-from analysis.seen_keys import SeenRoutes
+from analysis.seen_keys import SeenRoutes, Streams
 from analysis.tokens import TokenCounts
 
 
@@ -78,11 +78,13 @@ class LogReader:
         self.num_experts = 0 if self.inferred else meta["num_experts"]
         self.top_k = meta["top_k"]
         self.agg = Aggregates(self.layers, self.num_experts, window)
-        # A chunk's distinct records are counted on a second thread while the next is read
-        # (numpy releases the GIL): one chunk in flight keeps log order and bounds memory;
-        # the reading thread settles it before it touches what the counting reads.
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: Future | None = None
+        # A chunk's distinct records are counted on two more threads while the next is read
+        # (numpy releases the GIL): the sums (load, pairs, histograms) on one, what follows
+        # log order (windows, token counts) on the other. One chunk in flight keeps log
+        # order and bounds memory; the reading thread settles it before it touches what the
+        # counting reads.
+        self.pools = [ThreadPoolExecutor(max_workers=1) for _ in range(2)]
+        self.pending: list[Future] = []
         self.token_counts = TokenCounts(self.layers, token_layers or self.layers[:1])
         shape = (len(self.layers), len(PHASES), self.num_experts)
         self.count = np.zeros(shape, np.int64)
@@ -90,7 +92,7 @@ class LogReader:
         self.tokens = np.zeros(shape[:2], np.int64)
         self.prompt_len: dict[str, int] = {}
         self.seen = SeenRoutes()  # every route key counted so far
-        self.streams: dict[tuple[str, int], int] = {}  # (req_id, sample) -> dense id
+        self.streams = Streams()
         self.line = 1  # lines consumed so far
         self.log = RouteLog(meta, pd.DataFrame(), pd.DataFrame())
         # Set, request_end records wait for end_requests (their routes come later).
@@ -116,7 +118,7 @@ class LogReader:
             starts = np.r_[0, ends[:-1] + 1]
             for row in rare:
                 self._other(kind[row], block[starts[row] : ends[row]])
-        self._settle()  # the pool's thread reads the requests' prompts
+        self._settle()  # the counting threads read the requests' prompts
         for record in records_of(table, requests):
             if "prompt_len" in record:
                 self.prompt_len[str(record["req_id"])] = record["prompt_len"]
@@ -189,15 +191,19 @@ class LogReader:
             slot, phase, ids, weights = slot[fresh], phase[fresh], ids[fresh], weights[fresh]
             samples, row_req, token_idx = samples[fresh], row_req[fresh], token_idx[fresh]
         self._settle()
-        self.pending = self.pool.submit(self._tally, slot, phase, ids, weights,
-                                        (names.to_pylist(), samples, row_req, token_idx))
+        self.pending = [self.pools[0].submit(self._tally_sums, slot, phase, ids, finite(weights)),
+                        self.pools[1].submit(self._tally_ordered, slot, ids,
+                                             (names.to_pylist(), samples, row_req, token_idx))]
 
-    def _tally(self, slot, phase, ids, weights, token_rows) -> None:
-        """Counts distinct route records (on the pool's thread, one chunk at a time)."""
+    def _tally_ordered(self, slot, ids, token_rows) -> None:
+        """Windows and token counts of distinct route records (one chunk at a time, in order)."""
         if self.token_counts.prompts:
             self.token_counts.routes(*token_rows, slot, ids)
-        weights = finite(weights)
-        self.agg.add(slot, ids, weights)
+        self.agg.add_windows(slot, ids)
+
+    def _tally_sums(self, slot, phase, ids, weights) -> None:
+        """Load, pairs and histograms of distinct route records."""
+        self.agg.add_sums(slot, ids, weights)
         cell = (slot * len(PHASES) + phase)[:, None] * self.num_experts + ids
         size = self.count.size
         self.count += np.bincount(cell.ravel(), minlength=size).reshape(self.count.shape)
@@ -205,9 +211,9 @@ class LogReader:
         self.tokens += np.bincount(slot * len(PHASES) + phase, minlength=self.tokens.size).reshape(self.tokens.shape)
 
     def _settle(self) -> None:
-        if self.pending is not None:
-            self.pending.result()
-            self.pending = None
+        for pending in self.pending:
+            pending.result()
+        self.pending = []
 
     def _grow(self, num_experts: int) -> None:
         self._settle()
@@ -218,19 +224,8 @@ class LogReader:
 
     def _first_sightings(self, names, row_req, sample, token_idx, slot) -> np.ndarray:
         """True for (req_id, sample, token_idx, layer) keys not seen before."""
-        group = self._streams(names, row_req, sample.fill_null(0).to_numpy()) * len(self.layers) + slot
+        group = self.streams.of(names.to_pylist(), row_req, sample.fill_null(0).to_numpy()) * len(self.layers) + slot
         return self.seen.add_new(group, token_idx)
-
-    def _streams(self, names, row_req, sample) -> np.ndarray:
-        """Each row's dense (req_id, sample) id: a dict lookup per distinct pair of the chunk."""
-        width = int(sample.max()) + 1 if len(sample) else 1
-        pair = row_req.astype(np.int64) * width + sample
-        present = np.flatnonzero(np.bincount(pair, minlength=len(names) * width))
-        table = np.zeros(len(names) * width, np.int64)
-        listed = names.to_pylist()
-        for p in present.tolist():
-            table[p] = self.streams.setdefault((listed[p // width], p % width), len(self.streams))
-        return table[pair]
 
     def _phases(self, names, row_req, token_idx, cached) -> np.ndarray:
         """0 prompt, 1 generated, 2 unknown (no 'request' record seen for the id),
@@ -261,7 +256,8 @@ class LogReader:
             log.notes.append("records of unknown types ignored: " + ", ".join(
                 f"{kind} ({n})" for kind, n in sorted(log.unknown_types.items())))
         self._settle()
-        self.pool.shutdown()
+        for pool in self.pools:
+            pool.shutdown()
         self.agg.finish()
         frames = self.agg.frames()
         log.pairs, log.confidence, log.windows = frames["pairs"], frames["confidence"], frames["windows"]

@@ -24,6 +24,22 @@ MIX = np.uint64(0x9E3779B97F4A7C15)  # spreads dense keys over the bitmap
 SPAN = 8  # a chunk whose groups span more positions than SPAN x its rows is checked exactly
 
 
+class Streams:
+    """Dense ids of (req_id, sample), for SeenRoutes' groups."""
+
+    def __init__(self) -> None:
+        self.ids: dict[tuple[str, int], int] = {}
+
+    def of(self, names: list[str], row_req: np.ndarray, sample: np.ndarray) -> np.ndarray:
+        """Each row's id: a dict lookup per distinct pair of the chunk (row_req indexes names)."""
+        width = int(sample.max()) + 1 if len(sample) else 1
+        pair = row_req.astype(np.int64) * width + sample
+        table = np.zeros(len(names) * width, np.int64)
+        for p in np.flatnonzero(np.bincount(pair, minlength=len(table))).tolist():
+            table[p] = self.ids.setdefault((names[p // width], p % width), len(self.ids))
+        return table[pair]
+
+
 class SeenRoutes:
     def __init__(self) -> None:
         self.top = np.zeros(0, np.int64)  # [groups] highest position seen; -1: none
