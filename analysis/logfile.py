@@ -5,7 +5,7 @@ Memory stays bounded by the chunk size plus 8 bytes per distinct routed key and 
 (request, sample, layer), and 32 MiB once a log needs the exact set (de-duplication,
 seen_keys.py), whatever the log's size. The load table has one row per
 (layer, phase, expert): how often the expert was chosen and its summed gate weight. A
-chunk's distinct records are counted on a second thread while the next chunk is read.
+chunk's distinct records are counted on two more threads while the next chunk is read.
 """
 
 import json

@@ -10,11 +10,12 @@ repeat inside it. The first chunk that fails that proof turns on the exact set
 
 SeenKeys: a key is a row's group in the high 32 bits and its position in the low 32,
 exact. Most keys of a log are new, so the set answers "new" cheaply first: a bitmap
-indexed by BITS bits of the key, mixed (32 MiB), has no bit set for a key never added. Only keys whose bit is set (an
-earlier key shared those bits, or the key itself came before) are looked up exactly, in
-sorted runs of the keys added so far. A run is merged with the one before it while that
-one is at most twice its size, so about log2(keys / chunk) runs stay apart. Memory: the
-bitmap plus 8 bytes per key (16 while the two largest runs merge).
+indexed by BITS bits of the key, mixed (32 MiB), has no bit set for a key never added.
+Only keys whose bit is set (an earlier key shared those bits, or the key itself came
+before) are looked up exactly, in sorted runs of the keys added so far. A run is merged
+with the one before it while that one is at most twice its size, so about
+log2(keys / chunk) runs stay apart. Memory: the bitmap plus 8 bytes per key (16 while
+the two largest runs merge).
 """
 
 import numpy as np
@@ -41,6 +42,8 @@ class Streams:
 
 
 class SeenRoutes:
+    """Which rows of each chunk are new: the watermark proof, else the exact set."""
+
     def __init__(self) -> None:
         self.top = np.zeros(0, np.int64)  # [groups] highest position seen; -1: none
         self.kept: list[np.ndarray] = []  # every key so far, until the exact set is needed
