@@ -181,19 +181,19 @@ class LogReader:
         token_idx = routes["token_idx"].to_numpy()
         # A chunk holds few distinct requests: work on their ids, then index per row.
         encoded = pc.dictionary_encode(routes["req_id"]).combine_chunks()
-        names, row_req = encoded.dictionary, encoded.indices.to_numpy()
-        fresh = self._first_sightings(names, row_req, routes["sample"], token_idx, slot)
+        names, row_req = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
+        samples = routes["sample"].fill_null(0).to_numpy()
+        fresh = self._first_sightings(names, row_req, samples, token_idx, slot)
         self.log.records += len(layer)
         self.log.duplicates += int((~fresh).sum())
         phase = self._phases(names, row_req, token_idx, routes["cached"])
-        samples = routes["sample"].fill_null(0).to_numpy()
         if not fresh.all():
             slot, phase, ids, weights = slot[fresh], phase[fresh], ids[fresh], weights[fresh]
             samples, row_req, token_idx = samples[fresh], row_req[fresh], token_idx[fresh]
         self._settle()
         self.pending = [self.pools[0].submit(self._tally_sums, slot, phase, ids, finite(weights)),
                         self.pools[1].submit(self._tally_ordered, slot, ids,
-                                             (names.to_pylist(), samples, row_req, token_idx))]
+                                             (names, samples, row_req, token_idx))]
 
     def _tally_ordered(self, slot, ids, token_rows) -> None:
         """Windows and token counts of distinct route records (one chunk at a time, in order)."""
@@ -222,15 +222,15 @@ class LogReader:
         self.agg.grow(num_experts)
         self.num_experts = num_experts
 
-    def _first_sightings(self, names, row_req, sample, token_idx, slot) -> np.ndarray:
+    def _first_sightings(self, names, row_req, samples, token_idx, slot) -> np.ndarray:
         """True for (req_id, sample, token_idx, layer) keys not seen before."""
-        group = self.streams.of(names.to_pylist(), row_req, sample.fill_null(0).to_numpy()) * len(self.layers) + slot
+        group = self.streams.of(names, row_req, samples) * len(self.layers) + slot
         return self.seen.add_new(group, token_idx)
 
     def _phases(self, names, row_req, token_idx, cached) -> np.ndarray:
         """0 prompt, 1 generated, 2 unknown (no 'request' record seen for the id),
         3 cached (replayed from the prefix cache)."""
-        prompt_len = np.array([self.prompt_len.get(n, -1) for n in names.to_pylist()], np.int64)[row_req]
+        prompt_len = np.array([self.prompt_len.get(n, -1) for n in names], np.int64)[row_req]
         phase = np.where(prompt_len < 0, 2, (token_idx >= prompt_len).astype(np.int64))
         return np.where(cached.fill_null(False).to_numpy(zero_copy_only=False), 3, phase)
 

@@ -27,10 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from analysis.parquet_log import RECORDS, ROUTES, part_files
+
 SUMMED = ("steps", "route_records", "engine_waits", "engine_wait_s", "requests_not_logged",
           "cached_route_records")
-PARQUET_SUMMED = ("route_parts",)
-RECORDS, ROUTES = "records.jsonl", "routes"  # a parquet log's (parquet_log.py)
+PARQUET_SUMMED = ("route_parts",)  # in a parquet log's 'end' only
 
 
 class MergeError(ValueError):
@@ -59,7 +60,7 @@ def merge(log: str | Path, out: str | Path | None = None) -> dict:
     metas = [_meta(s) for s in shards]
     _check_same_run(shards, metas)
     out = Path(out or log)
-    parts = _Parts(out) if shards[0].is_dir() else None
+    parts = _LinkedParts(out) if shards[0].is_dir() else None
     ends, dropped = [], {}
     with open(out / RECORDS if parts else out, "wb") as dst:
         dst.write(_line(_merged_meta(metas, shards)))
@@ -83,7 +84,7 @@ def merge(log: str | Path, out: str | Path | None = None) -> dict:
     }
 
 
-class _Parts:
+class _LinkedParts:
     """The merged parquet log's routes/: parts numbered in shard order."""
 
     def __init__(self, out: Path):
@@ -96,7 +97,7 @@ class _Parts:
     def link(self, shard: Path) -> dict[str, str]:
         """Links the shard's closed parts; returns their records' new 'file' names."""
         renamed = {}
-        for part in sorted((shard / ROUTES).glob("part-*.parquet")):
+        for part in part_files(shard):
             name = f"part-{self.count:06d}.parquet"
             try:
                 os.link(part, self.routes / name)
@@ -180,11 +181,11 @@ def _kind(line: bytes) -> str:
 def _merged_end(metas: list[dict], shards: list[Path], ends: list[dict]) -> dict:
     stage0 = [e for m, e in zip(metas, ends) if m["parallel"]["writer"]["pp_rank"] == 0]
     errors = [f"{s.name}: {e['write_error']}" for s, e in zip(shards, ends) if e.get("write_error")]
+    summed = SUMMED + tuple(key for key in PARQUET_SUMMED if any(key in e for e in ends))
     return {
         "type": "end",
         "final": all(e.get("final", True) for e in ends),
-        **{key: sum(e.get(key, 0) for e in ends) for key in SUMMED + tuple(k for k in PARQUET_SUMMED
-                                                                          if any(k in e for e in ends))},
+        **{key: sum(e.get(key, 0) for e in ends) for key in summed},
         "requests": sum(e["requests"] for e in stage0),
         "requests_ended": sum(e["requests_ended"] for e in stage0),
         "write_error": "; ".join(errors) or None,

@@ -87,9 +87,8 @@ def test_the_newest_run_names_the_shards(tmp_path):
 def test_shards_converted_to_parquet_and_back_still_merge(tmp_path):
     from analysis.convert import convert
 
-    for dp, req in ((0, "a"), (1, "b")):
-        write(tmp_path / f"log.dp{dp}.jsonl", shard_lines(dp, req))
-        convert(tmp_path / f"log.dp{dp}.jsonl", tmp_path / "pq" / f"log.dp{dp}.parquet")
+    parquet_shards(tmp_path)
+    for dp in (0, 1):
         convert(tmp_path / "pq" / f"log.dp{dp}.parquet", tmp_path / "back" / f"log.dp{dp}.jsonl")
     shards = read_log(tmp_path / "pq" / "log.dp0.parquet").meta["parallel"]["shards"]
     assert shards == ["log.dp0.parquet", "log.dp1.parquet"]
