@@ -87,6 +87,7 @@ class Slots:
         self.accepted = np.zeros(0, dtype=np.int64)  # draft positions verification kept
         self.rejected = np.zeros(0, dtype=np.int64)  # draft positions it threw away
         self.free: list[int] = []
+        self.generation = 0  # changes whenever a request opens or closes
 
     def open(self, request: Request) -> int:
         if not self.free:
@@ -96,6 +97,7 @@ class Slots:
                 setattr(self, name, np.resize(getattr(self, name), len(self.requests)))
             self.free = list(range(len(self.requests) - 1, n - 1, -1))
         slot = self.free.pop()
+        self.generation += 1
         self.of[request.engine_req_id] = slot
         self.requests[slot] = request
         self.next_pos[slot] = self.routed[slot] = self.recomputed[slot] = 0
@@ -107,6 +109,7 @@ class Slots:
         if slot is None:
             return None
         request, self.requests[slot] = self.requests[slot], None
+        self.generation += 1
         self.free.append(slot)
         return slot, request
 

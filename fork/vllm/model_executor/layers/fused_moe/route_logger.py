@@ -30,7 +30,6 @@ end_forward still count the previous step's rejected drafts.
 import atexit
 import multiprocessing.util
 from array import array
-from contextlib import contextmanager
 from functools import partial
 from itertools import repeat
 
@@ -47,6 +46,7 @@ from vllm.model_executor.layers.fused_moe.route_log_channel import (
     REQUEST_END,
     REQUEST_END_HEAD,
     REQUEST_HEAD,
+    SPAN,
     STEP,
     STEP_HEAD,
     RouteLogChannel,
@@ -107,11 +107,18 @@ class RouteLogger:
         finally:
             if log:
                 log.close()  # the writer holds its own descriptor, and with it the lock
-        self.ring = torch.frombuffer(self.channel.ring, dtype=torch.uint8)
+        ring = torch.frombuffer(self.channel.ring, dtype=torch.uint8)
         if device.type == "cuda":  # pinned, so that device copies into it are asynchronous
-            error = torch.cuda.cudart().cudaHostRegister(self.ring.data_ptr(), self.ring.numel(), 0)
+            error = torch.cuda.cudart().cudaHostRegister(ring.data_ptr(), ring.numel(), 0)
             if int(error) != 0:
                 raise RuntimeError(f"{ENV_PATH}: pinning the {capacity >> 20} MiB buffer failed ({error})")
+        # The ring by element type, made once: a step slices and copies, no views per step
+        # (every torch call on the model's thread may hand the GIL to another thread).
+        # step_layout puts int32/float32 arrays at multiples of 4 bytes, the trailer of 8.
+        self.ring_i32, self.ring_f32, self.ring_i64 = (
+            ring.view(dtype) for dtype in (torch.int32, torch.float32, torch.int64))
+        self.ids_flat, self.weights_flat = self.ids.view(-1), self.weights.view(-1)  # row-major
+        self.batch = ([], -1, np.zeros(0, np.int64), True)  # _slots_of's last answer
         self.stopped = False
         atexit.register(self.close)
         # Worker processes end through multiprocessing, which skips atexit.
@@ -145,7 +152,7 @@ class RouteLogger:
             if self.held is not None:  # no sampling came: its drafts' fate is unknown
                 self._log_rows(*self.held.without_drafts().rows())
             self.drafts = scheduler_output.scheduled_spec_decode_tokens
-        with self._stop_if_writer_gone():
+        try:
             for new_req in scheduler_output.scheduled_new_reqs:
                 if new_req.req_id in self.slots.of:
                     continue
@@ -168,6 +175,8 @@ class RouteLogger:
             for engine_id in scheduler_output.finished_req_ids:
                 self._end_request(engine_id, finished=True)
             self.channel.flush()
+        except WriterGone as e:
+            self._writer_gone(e)
 
     def _post_blocks(self, slot: int, block_ids: tuple[list[int], ...], replace: bool) -> None:
         """The request's KV blocks (cache group 0), for the writer's block store."""
@@ -200,7 +209,7 @@ class RouteLogger:
         if self.stopped or not req_ids:
             return
         n = len(req_ids)
-        slots = np.fromiter(map(self.slots.of.get, req_ids, repeat(-1)), np.int64, n)
+        slots, all_mine = self._slots_of(req_ids)
         starts = np.asarray(query_start_loc[: n + 1], dtype=np.int64)
         first, ends = starts[:-1], starts[1:]
         pos = np.asarray(num_computed_tokens[:n], dtype=np.int64)
@@ -210,8 +219,23 @@ class RouteLogger:
                 drafts[:] = [len(self.drafts.get(r, ())) for r in req_ids]
             self.held = HeldStep(slots, first, ends, pos, int(starts[n]), input_ids, drafts)
             return
-        mine = slots >= 0  # not a caller's request otherwise
-        self._log_rows(slots[mine], first[mine], ends[mine], pos[mine], int(starts[n]), input_ids)
+        if not all_mine:
+            mine = slots >= 0  # not a caller's request otherwise
+            slots, first, ends, pos = slots[mine], first[mine], ends[mine], pos[mine]
+        self._log_rows(slots, first, ends, pos, int(starts[n]), input_ids)
+
+    def _slots_of(self, req_ids) -> tuple[np.ndarray, bool]:
+        """[n] each batch row's slot, -1 for a request no caller sent, and whether all
+        are a caller's. Most decode steps repeat the last batch while no request opened
+        or closed: then the last answer (read-only) stands."""
+        batch, generation, slots, all_mine = self.batch
+        if generation == self.slots.generation and batch == req_ids:
+            return slots, all_mine
+        slots = np.fromiter(map(self.slots.of.get, req_ids, repeat(-1)), np.int64, len(req_ids))
+        slots.flags.writeable = False
+        all_mine = bool((slots >= 0).all())
+        self.batch = (list(req_ids), self.slots.generation, slots, all_mine)
+        return slots, all_mine
 
     def end_sample(self, sampled_token_ids) -> None:
         """After sampling a held step: the sampler's tokens [num_reqs, 1 + drafts], -1
@@ -234,7 +258,7 @@ class RouteLogger:
         # skipped forward were served by the prefix cache: the writer replays them.
         counts = ends - first
         next_pos = self.slots.next_pos[slots]
-        skip = np.clip(next_pos - pos, 0, counts)
+        skip = np.minimum(np.maximum(next_pos - pos, 0), counts)
         jump = np.maximum(pos - next_pos, 0)
         self.slots.recomputed[slots] += skip
         self.slots.routed[slots] += counts - skip
@@ -242,48 +266,54 @@ class RouteLogger:
         self.slots.next_pos[slots] = np.maximum(next_pos, pos + counts)
         if not self.layers:
             return
+        fresh = first + skip
         if self.block_store is not None:  # every row, recomputed ones too, feeds the store
-            spans = np.stack([slots, pos, first, ends, first + skip], axis=1)
+            spans = (slots, pos, first, ends, fresh)
         else:
-            spans = np.stack([slots, pos + skip, first + skip, ends, first + skip], axis=1)[counts > skip]
-        with self._stop_if_writer_gone():
+            spans = (slots, pos + skip, fresh, ends, fresh)
+            if not (keep := counts > skip).all():
+                spans = tuple(column[keep] for column in spans)
+        try:
             if jump.any():
                 hit = jump > 0
                 self.channel.post(CACHED, np.stack([slots, next_pos, pos], axis=1)[hit].tobytes())
-            if len(spans):
+            if len(spans[0]):
                 self._send_step(spans, num_rows, input_ids)
             else:
                 self.channel.flush()
+        except WriterGone as e:
+            self._writer_gone(e)
 
-    def _send_step(self, spans: np.ndarray, num_rows: int, input_ids) -> None:
+    def _send_step(self, spans: tuple[np.ndarray, ...], num_rows: int, input_ids) -> None:
         """Copies this step's rows into the ring before the next forward reuses them:
         the copies are queued on the same stream, after this forward and before the
-        next; the trailer lands after the rows and tells the writer they are there."""
+        next; the trailer lands after the rows and tells the writer they are there.
+        ``spans``: the step's SPAN columns, [n] each."""
+        n = len(spans[0])
         ids_at, weights_at, tokens_at, trailer_at, size = step_layout(
-            num_rows, len(spans), len(self.layers), self.top_k)
+            num_rows, n, len(self.layers), self.top_k)
         offset, end = self.channel.reserve(size)
         at = HEADER + offset
-        np.frombuffer(self.channel.ring, np.int64, spans.size, at)[:] = spans.ravel()
+        table = np.frombuffer(self.channel.ring, np.int64, n * SPAN, at).reshape(n, SPAN)
+        for column, values in enumerate(spans):
+            table[:, column] = values
         np.frombuffer(self.channel.ring, np.int64, 1, at + trailer_at)[0] = 0
-        shape = (num_rows, *self.ids.shape[1:])
-        ids = self.ring[at + ids_at : at + weights_at].view(torch.int32).view(shape)
-        ids.copy_(self.ids[:num_rows], non_blocking=True)
-        weights = self.ring[at + weights_at : at + weights_at + ids.nbytes].view(torch.float32)
-        weights.view(shape).copy_(self.weights[:num_rows], non_blocking=True)
+        cells = num_rows * len(self.layers) * self.top_k
+        first = (at + ids_at) // 4
+        self.ring_i32[first : first + cells].copy_(self.ids_flat[:cells], non_blocking=True)
+        first = (at + weights_at) // 4
+        self.ring_f32[first : first + cells].copy_(self.weights_flat[:cells], non_blocking=True)
         if input_ids is not None:
-            tokens = self.ring[at + tokens_at : at + tokens_at + 4 * num_rows].view(torch.int32)
-            tokens.copy_(input_ids[:num_rows], non_blocking=True)
-        self.ring[at + trailer_at : at + trailer_at + 8].view(torch.int64).copy_(self.one, non_blocking=True)
-        self.channel.post(STEP, STEP_HEAD.pack(offset, end, num_rows, len(spans), input_ids is not None))
+            first = (at + tokens_at) // 4
+            self.ring_i32[first : first + num_rows].copy_(input_ids[:num_rows], non_blocking=True)
+        first = (at + trailer_at) // 8
+        self.ring_i64[first : first + 1].copy_(self.one, non_blocking=True)
+        self.channel.post(STEP, STEP_HEAD.pack(offset, end, num_rows, n, input_ids is not None))
         self.channel.flush()
 
-    @contextmanager
-    def _stop_if_writer_gone(self):
-        try:
-            yield
-        except WriterGone as e:
-            self.stopped = True
-            logger.error("VLLM_LOG_MOE: %s; the route log stops here and generation goes on", e)
+    def _writer_gone(self, error: WriterGone) -> None:
+        self.stopped = True
+        logger.error("VLLM_LOG_MOE: %s; the route log stops here and generation goes on", error)
 
 
 _ACTIVE: RouteLogger | None = None
