@@ -216,12 +216,12 @@ def run(args) -> None:
 
 
 def hook_times(folder: Path) -> dict:
-    """{call: [calls, seconds, longest]} over the engine processes that ran steps."""
+    """{call: [calls, seconds, longest, CPU seconds]} over the engine processes that ran steps."""
     totals: dict = {}
     for path in folder.glob("*.json"):
-        for name, (calls, seconds, longest) in json.loads(path.read_text()).items():
-            t = totals.setdefault(name, [0, 0.0, 0.0])
-            t[0], t[1], t[2] = t[0] + calls, t[1] + seconds, max(t[2], longest)
+        for name, (calls, seconds, longest, cpu) in json.loads(path.read_text()).items():
+            t = totals.setdefault(name, [0, 0.0, 0.0, 0.0])
+            t[0], t[1], t[2], t[3] = t[0] + calls, t[1] + seconds, max(t[2], longest), t[3] + cpu
     return totals
 
 

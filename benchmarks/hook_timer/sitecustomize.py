@@ -5,7 +5,8 @@ through PYTHONPATH).
 ROUTE_HOOK_TIMES=folder (bench_throughput.py --time-hooks, bench_throughput_ab.py): when
 vLLM imports route_logger, its begin_step and end_forward are wrapped with timers, and
 every 10 steps the totals are written to ROUTE_HOOK_TIMES/<pid>.json as
-{name: [calls, seconds, longest call]}, the names of paused steps ending in " paused"
+{name: [calls, seconds, longest call, CPU seconds of the calling thread]} (seconds
+beyond the CPU's: the thread waited, for the GIL or in a system call), the names of paused steps ending in " paused"
 (the steps after the last multiple of 10 are not counted).
 
 ROUTE_PAUSE_STEPS=B (bench_throughput_ab.py): steps alternate between B logged and B
@@ -55,14 +56,15 @@ def _wrap(module) -> None:
     begin, end = module.begin_step, module.end_forward
 
     def timed(name, call, *args):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if call is not None:
             call(*args)
         dt = time.perf_counter() - t0
-        total = totals.setdefault(name + (" paused" if state["paused"] else ""), [0, 0.0, 0.0])
+        total = totals.setdefault(name + (" paused" if state["paused"] else ""), [0, 0.0, 0.0, 0.0])
         total[0] += 1
         total[1] += dt
         total[2] = max(total[2], dt)
+        total[3] += time.thread_time() - c0
         return total[0]
 
     def begin_step(scheduler_output):
