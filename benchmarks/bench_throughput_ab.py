@@ -198,11 +198,12 @@ def per_step_ms(result: dict, suffix: str, column: int = 1) -> str:
 def table(results: list[dict]) -> str:
     first = results[0]
     rounds = sorted({r["round"] for r in results})
+    generations = [str(n) for n in sorted({len(r["windows"]) for r in results}, reverse=True)]
     lines = [
         f"Card: {first['tensor_parallel_size']} x {first['device']}; vLLM {first['vllm']} (+ route logger), "
         f"torch {first['torch']}; {first['requests']} requests in one generate call; rounds "
         f"{', '.join(map(str, rounds))} on one machine, a fresh process per mode and round, modes in rotating "
-        f"order; in each process a warm-up generation, then {len(first['windows'])} timed generations whose steps "
+        f"order; in each process a warm-up generation, then {' or '.join(generations)} timed generations whose steps "
         f"alternate in blocks of {first['block']} between logging and the log paused; prefix caching "
         f"{'on' if first.get('prefix_caching') else 'off'}. Step times in ms: means, and the 10th percentile; "
         "differences (fitted: step index and time segment taken out) with +- 2 standard errors. Mode 'off' "
