@@ -162,6 +162,22 @@ def test_writer_life_cycle(tmp_path):
     assert end["write_error"] is None
 
 
+def test_a_batch_seen_before_is_mapped_anew_after_requests_open_or_close(tmp_path):
+    """end_forward reuses its last batch's slots while the batch repeats: here the same
+    batch comes back after "a" ended and a new "a" took another slot, with "d" in the old one."""
+    path = tmp_path / "log.jsonl"
+    logger = make_logger(path)
+    step(logger, new=[new_request("a"), new_request("b")], batch=[("a", 0, 5), ("b", 0, 5)])
+    step(logger, batch=[("a", 5, 1), ("b", 5, 1)])
+    step(logger, finished=["a"])  # a step without a forward
+    step(logger, new=[new_request("d"), new_request("a")], batch=[("a", 0, 2), ("b", 6, 1)], value=9)
+    logger.close()
+    routes = [r for r in lines_of(path) if r["type"] == "route" and r["layer"] == 0]
+    assert [(r["req_id"], r["token_idx"]) for r in routes[-3:]] == [("a", 0), ("a", 1), ("b", 6)]
+    assert [r["topk_ids"][0] for r in routes[-3:]] == [9, 9, 9]
+    assert not any(r["req_id"] == "d" for r in routes)
+
+
 def test_an_idle_writer_leaves_a_provisional_end(tmp_path):
     """A process killed while no request runs leaves a log that says so."""
     path = tmp_path / "log.jsonl"
