@@ -16,7 +16,13 @@ import torch
 from conftest import wait_until
 from vllm.model_executor.layers.fused_moe import route_logger
 from vllm.model_executor.layers.fused_moe.route_log_config import RouteLogConfig, RouteLogError
-from vllm.model_executor.layers.fused_moe.route_log_render import render_rows, render_rows_plain
+from vllm.model_executor.layers.fused_moe.route_log_render import (
+    fields_text,
+    render_rows,
+    render_rows_plain,
+    request_end_line,
+    request_line,
+)
 from vllm.model_executor.layers.fused_moe.route_log_requests import HeldStep, Request, sample_index
 from vllm.model_executor.layers.fused_moe.route_log_store import BlockRoutes
 
@@ -74,6 +80,28 @@ def test_values_the_fast_path_cannot_write_fall_back_to_json():
 def test_nothing_scheduled_renders_nothing():
     empty = np.zeros((0, 1, 2), np.int32)
     assert render_rows(empty, empty.view(np.float32), np.zeros((0, 4), np.uint8), np.zeros(0), [0]) == b""
+
+
+@pytest.mark.parametrize("req_id, sample, fields", [
+    ("a", None, {}), ('q"\\ü-7', 3, {"dp_rank": 1}), ("chatcmpl-9f", 0, {"dp_rank": 0})])
+def test_request_records_are_the_json_of_their_fields(req_id, sample, fields):
+    """The writer renders request records from the fields the engine sends; they are
+    byte for byte what json.dumps makes of the same record."""
+    prefix = Request(req_id, f"{sample}_{req_id}-0123abcd", sample, 5, 2).prefix
+    head = {"req_id": req_id} | ({} if sample is None else {"sample": sample})
+    want = {"type": "request", **head, "engine_req_id": f"{sample}_{req_id}-0123abcd", "prompt_len": 5,
+            "prompt_tokens_cached": 2, **fields}
+    assert request_line(prefix, want["engine_req_id"], 5, 2, fields_text(fields)) == dumps(want)
+    counts = {"routed_positions": 9, "recomputed_positions": 1, "cached_positions": 4}
+    want = {"type": "request_end", **head, "finished": False, **counts, **fields}
+    assert request_end_line(prefix, False, 9, 1, 4, -1, -1, fields_text(fields)) == dumps(want)
+    drafts = {"accepted_draft_positions": 0, "rejected_draft_positions": 6}
+    want = {"type": "request_end", **head, "finished": True, **counts, **drafts, **fields}
+    assert request_end_line(prefix, True, 9, 1, 4, 0, 6, fields_text(fields)) == dumps(want)
+
+
+def dumps(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
 # The engine side, driven as the model runner drives it.

@@ -39,8 +39,13 @@ ALIGN = 64
 # Messages: <type u32, payload bytes u32> + payload.
 FRAME = struct.Struct("<II")
 REQUEST, REQUEST_END, STEP, NOT_LOGGED_ID, CLOSE, BLOCKS, CACHED = range(1, 8)
-REQUEST_HEAD = struct.Struct("<III")  # slot, prefix length, prompt tokens; then prefix, int32 tokens, line
-REQUEST_END_HEAD = struct.Struct("<I")  # slot; then the line
+# The writer renders the request records (route_log_render.request_line) from these:
+# slot, prefix length, engine id length, prompt tokens sent, prompt_len, prompt_tokens_cached;
+# then the prefix ('"req_id":...,'), the engine's request id (UTF-8), int32 prompt tokens.
+REQUEST_HEAD = struct.Struct("<IIIIqq")
+# slot, finished, routed, recomputed and cached positions, accepted and rejected draft
+# positions (-1: not speculative decoding).
+REQUEST_END_HEAD = struct.Struct("<IIqqqqq")
 STEP_HEAD = struct.Struct("<QQQQQ")  # data offset, end position, rows, spans, has token ids
 BLOCKS_HEAD = struct.Struct("<II")  # slot, first block index; then int32 block ids
 # CACHED: int64 [n, 3] (slot, first position, end position) served from the prefix

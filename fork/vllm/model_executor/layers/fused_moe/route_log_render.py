@@ -1,12 +1,34 @@
 # SPDX-License-Identifier: Apache-2.0
-"""JSONL rendering of route records, whole columns at a time (numpy only: the writer
-process imports this without vLLM or torch)."""
+"""JSONL rendering of route records, whole columns at a time, and of request records
+from the fields the engine sends (numpy only: the writer process imports this without
+vLLM or torch)."""
 
 import json
 
 import numpy as np
 
 WEIGHT_SCALE = 10**9  # weights are written with 9 decimals: |error| <= 5e-10
+
+
+def fields_text(fields: dict) -> bytes:
+    """',"name":value' for each of a logger's extra request fields (dp_rank)."""
+    return b"".join(b',"%s":%s' % (name.encode(), json.dumps(value).encode()) for name, value in fields.items())
+
+
+def request_line(prefix: bytes, engine_req_id: str, prompt_len: int, cached: int, extra: bytes) -> bytes:
+    """A 'request' record; ``prefix`` '"req_id":...,' as in route records."""
+    return (b'{"type":"request",%s"engine_req_id":%s,"prompt_len":%d,"prompt_tokens_cached":%d%s}\n'
+            % (prefix, json.dumps(engine_req_id).encode(), prompt_len, cached, extra))
+
+
+def request_end_line(prefix: bytes, finished: bool, routed: int, recomputed: int, cached: int,
+                     accepted: int, rejected: int, extra: bytes) -> bytes:
+    """A 'request_end' record; ``accepted`` < 0: no draft counts (no speculative decoding)."""
+    drafts = (b',"accepted_draft_positions":%d,"rejected_draft_positions":%d' % (accepted, rejected)
+              if accepted >= 0 else b"")
+    return (b'{"type":"request_end",%s"finished":%s,"routed_positions":%d,"recomputed_positions":%d,'
+            b'"cached_positions":%d%s%s}\n'
+            % (prefix, b"true" if finished else b"false", routed, recomputed, cached, drafts, extra))
 
 
 def render_rows(ids: np.ndarray, weights: np.ndarray, prefixes: np.ndarray,

@@ -165,13 +165,3 @@ class HeldStep:
         """Every draft cut off: for a step whose sampling never came."""
         return replace(self, ends=self.ends - self.drafts).mine()
 
-
-def request_line(kind: str, request: Request, **extra) -> bytes:
-    record = {"type": kind, "req_id": request.req_id}
-    if request.sample is not None:
-        record["sample"] = request.sample
-    if kind == "request":
-        record.update(engine_req_id=request.engine_req_id, prompt_len=request.prompt_len,
-                      prompt_tokens_cached=request.prompt_tokens_cached)
-    record.update(extra)
-    return json.dumps(record, separators=(",", ":")).encode() + b"\n"

@@ -42,7 +42,7 @@ from .route_log_channel import (
     RingReader,
     step_layout,
 )
-from .route_log_render import render_rows
+from .route_log_render import fields_text, render_rows, request_end_line, request_line
 from .route_log_store import BlockRoutes
 
 CHUNK_RECORDS = 1 << 15  # rendered at a time: bounds the writer's own memory
@@ -67,6 +67,7 @@ class Writer:
         block_size = args.get("block_size")
         self.store = BlockRoutes(block_size, len(self.layers), self.top_k) if block_size else None
         self.gap_reason = args.get("gap_reason")  # why cached positions cannot be replayed
+        self.request_fields = fields_text(args.get("request_fields", {}))  # ends each request record
         self.columns = None  # the parquet log's route parts; None: routes are JSONL lines
         if args.get("format") == "parquet":
             from .route_log_columns import RouteColumns
@@ -119,23 +120,28 @@ class Writer:
         if kind == STEP:
             self.step(*STEP_HEAD.unpack(payload))
         elif kind == REQUEST:
-            slot, size, tokens = REQUEST_HEAD.unpack_from(payload)
+            slot, size, id_size, tokens, prompt_len, cached = REQUEST_HEAD.unpack_from(payload)
             at = REQUEST_HEAD.size + size
-            self.bind(slot, payload[REQUEST_HEAD.size : at])
-            prompt = np.frombuffer(payload, np.int32, tokens, at)
+            prefix = payload[REQUEST_HEAD.size : at]
+            self.bind(slot, prefix)
+            engine_req_id = payload[at : at + id_size].decode()
+            prompt = np.frombuffer(payload, np.int32, tokens, at + id_size)
             # No ids (a prompt of embeddings): where the prompt ends is not known here.
             self.prompt_len[slot] = tokens or NO_PROMPT_IDS
             self.stats["requests"] += 1
             if self.file is not None:  # metrics alone: no line to render
-                self.write(_with_field(payload[at + 4 * tokens :], "prompt_token_ids", prompt))
+                line = request_line(prefix, engine_req_id, prompt_len, cached, self.request_fields)
+                self.write(_with_field(line, "prompt_token_ids", prompt))
         elif kind == REQUEST_END:
-            (slot,) = REQUEST_END_HEAD.unpack_from(payload)
-            line = payload[REQUEST_END_HEAD.size :]
+            slot, *counts = REQUEST_END_HEAD.unpack(payload)
             generated = self.generated.pop(slot, None)
-            if generated:
-                line = _with_field(line, "generated_token_ids", np.concatenate(generated))
             self.stats["requests_ended"] += 1
-            self.write(line)
+            if self.file is not None:
+                line = request_end_line(self.prefix[slot, : self.prefix_len[slot]].tobytes(), *counts,
+                                        self.request_fields)
+                if generated:
+                    line = _with_field(line, "generated_token_ids", np.concatenate(generated))
+                self.write(line)
         elif kind == BLOCKS:
             slot, first = BLOCKS_HEAD.unpack_from(payload)
             if self.store is not None:

@@ -66,7 +66,6 @@ from vllm.model_executor.layers.fused_moe.route_log_requests import (
     HeldStep,
     Slots,
     request_from,
-    request_line,
 )
 from vllm.platforms import current_platform
 
@@ -89,7 +88,6 @@ class RouteLogger:
         self.weights = torch.zeros(max_rows, len(layers), top_k, dtype=torch.float32, device=device)
         self.one = torch.ones(1, dtype=torch.int64, device=device)  # the step's trailer
         self.slots = Slots()
-        self.request_fields = request_fields  # extra fields of request records
         # {"block_size": ..., "gap_reason": ...}: None without prefix caching.
         self.block_store = block_store if layers else None
         self.speculative = speculative
@@ -103,6 +101,7 @@ class RouteLogger:
             self.channel = RouteLogChannel(capacity, log.fileno() if log else None, {
                 "path": path, "layers": layers, "top_k": top_k, "format": config.format,
                 "num_experts": meta.get("num_experts", 1 << 15), "metrics_path": metrics_path,
+                "request_fields": request_fields,  # extra fields of request records
                 **(self.block_store or {})})
         finally:
             if log:
@@ -161,10 +160,11 @@ class RouteLogger:
                     self.channel.count_not_logged(new_req.req_id)
                     continue
                 slot = self.slots.open(request)
-                prefix = request.prefix
+                prefix, engine_id = request.prefix, request.engine_req_id.encode()
                 prompt = array("i", new_req.prompt_token_ids or ()).tobytes()
-                self.channel.post(REQUEST, REQUEST_HEAD.pack(slot, len(prefix), len(prompt) // 4) + prefix
-                                  + prompt + request_line("request", request, **self.request_fields))
+                self.channel.post(REQUEST, REQUEST_HEAD.pack(
+                    slot, len(prefix), len(engine_id), len(prompt) // 4, request.prompt_len,
+                    request.prompt_tokens_cached) + prefix + engine_id + prompt)
                 if self.block_store is not None:
                     self._post_blocks(slot, new_req.block_ids, replace=True)
             if self.block_store is not None:
@@ -190,17 +190,11 @@ class RouteLogger:
     def _end_request(self, engine_id: str, finished: bool) -> None:
         closed = self.slots.close(engine_id)
         if closed is not None:
-            slot, request = closed
-            drafts = {}
-            if self.speculative:
-                drafts = {"accepted_draft_positions": int(self.slots.accepted[slot]),
-                          "rejected_draft_positions": int(self.slots.rejected[slot])}
-            line = request_line("request_end", request, finished=finished,
-                                 routed_positions=int(self.slots.routed[slot]),
-                                 recomputed_positions=int(self.slots.recomputed[slot]),
-                                 cached_positions=int(self.slots.cached[slot]),
-                                 **drafts, **self.request_fields)
-            self.channel.post(REQUEST_END, REQUEST_END_HEAD.pack(slot) + line)
+            slot = closed[0]
+            slots = self.slots
+            drafts = (slots.accepted[slot], slots.rejected[slot]) if self.speculative else (-1, -1)
+            self.channel.post(REQUEST_END, REQUEST_END_HEAD.pack(
+                slot, finished, slots.routed[slot], slots.recomputed[slot], slots.cached[slot], *drafts))
 
     def end_forward(self, req_ids, query_start_loc, num_computed_tokens, input_ids=None) -> None:
         """After a real step's forward: which rows belong to which request and
