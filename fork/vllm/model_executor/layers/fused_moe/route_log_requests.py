@@ -5,6 +5,7 @@ per-slot counters kept in numpy arrays so that a step's bookkeeping is vectorise
 import json
 import re
 from dataclasses import dataclass, replace
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,7 @@ class Slots:
         self.rejected = np.zeros(0, dtype=np.int64)  # draft positions it threw away
         self.free: list[int] = []
         self.generation = 0  # changes whenever a request opens or closes
+        self.batch = ([], -1, np.zeros(0, np.int64), True)  # of_batch's last answer
 
     def open(self, request: Request) -> int:
         if not self.free:
@@ -103,6 +105,19 @@ class Slots:
         self.next_pos[slot] = self.routed[slot] = self.recomputed[slot] = 0
         self.cached[slot] = self.blocks[slot] = self.accepted[slot] = self.rejected[slot] = 0
         return slot
+
+    def of_batch(self, req_ids) -> tuple[np.ndarray, bool]:
+        """[n] each batch row's slot, -1 for a request no caller sent, and whether all
+        are a caller's. Most decode steps repeat the last batch while no request opened
+        or closed: then the last answer (read-only) stands."""
+        batch, generation, slots, all_mine = self.batch
+        if generation == self.generation and batch == req_ids:
+            return slots, all_mine
+        slots = np.fromiter(map(self.of.get, req_ids, repeat(-1)), np.int64, len(req_ids))
+        slots.flags.writeable = False
+        all_mine = bool((slots >= 0).all())
+        self.batch = (list(req_ids), self.generation, slots, all_mine)
+        return slots, all_mine
 
     def close(self, engine_id: str) -> tuple[int, Request] | None:
         slot = self.of.pop(engine_id, None)

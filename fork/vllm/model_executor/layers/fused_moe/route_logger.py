@@ -14,10 +14,10 @@ Call order in each worker process (every call is a no-op while the log is off):
 CUDA-graph rule: the only work inside the forward is ``RouteLogger._capture``: two
 device copies into buffers allocated in ``attach``, which graphs record and replay.
 After the forward, on the model's thread: a few numpy operations map rows to
-requests, device copies put the step's rows into a shared-memory ring, and a
-message of 40 bytes tells the writer process (route_log_writer.py), which waits for
-the copy, renders the JSON (or parquet columns) and writes it, and counts the experts'
-load, with its own GIL and core.
+requests, device copies put the step's rows into a shared-memory ring
+(route_log_copies.py), and a message of 40 bytes tells the writer process
+(route_log_writer.py), which waits for the copy, renders the JSON (or parquet
+columns) and writes it, and counts the experts' load, with its own GIL and core.
 
 Speculative decoding: a step's last k rows of a request are its draft tokens, routed
 before verification. The step is held from end_forward to end_sample, which cuts each
@@ -31,7 +31,6 @@ import atexit
 import multiprocessing.util
 from array import array
 from functools import partial
-from itertools import repeat
 
 import numpy as np
 import torch
@@ -41,14 +40,10 @@ from vllm.model_executor.layers.fused_moe.route_log_channel import (
     BLOCKS,
     BLOCKS_HEAD,
     CACHED,
-    HEADER,
     REQUEST,
     REQUEST_END,
     REQUEST_END_HEAD,
     REQUEST_HEAD,
-    SPAN,
-    STEP,
-    STEP_HEAD,
     RouteLogChannel,
     WriterGone,
     step_layout,
@@ -59,6 +54,7 @@ from vllm.model_executor.layers.fused_moe.route_log_config import (
     WriterLayout,
     format_meta,
 )
+from vllm.model_executor.layers.fused_moe.route_log_copies import StepCopies
 from vllm.model_executor.layers.fused_moe.route_log_files import buffer_bytes, counters_path, locked_log
 from vllm.model_executor.layers.fused_moe.route_log_layers import moe_routers, select_layers
 from vllm.model_executor.layers.fused_moe.route_log_meta import block_store_settings, route_log_meta
@@ -86,7 +82,6 @@ class RouteLogger:
         # Two buffers: torch.compile cannot trace a copy into a view of another dtype.
         self.ids = torch.zeros(max_rows, len(layers), top_k, dtype=torch.int32, device=device)
         self.weights = torch.zeros(max_rows, len(layers), top_k, dtype=torch.float32, device=device)
-        self.one = torch.ones(1, dtype=torch.int64, device=device)  # the step's trailer
         self.slots = Slots()
         # {"block_size": ..., "gap_reason": ...}: None without prefix caching.
         self.block_store = block_store if layers else None
@@ -106,18 +101,10 @@ class RouteLogger:
         finally:
             if log:
                 log.close()  # the writer holds its own descriptor, and with it the lock
-        ring = torch.frombuffer(self.channel.ring, dtype=torch.uint8)
-        if device.type == "cuda":  # pinned, so that device copies into it are asynchronous
-            error = torch.cuda.cudart().cudaHostRegister(ring.data_ptr(), ring.numel(), 0)
-            if int(error) != 0:
-                raise RuntimeError(f"{ENV_PATH}: pinning the {capacity >> 20} MiB buffer failed ({error})")
-        # The ring by element type, made once: a step slices and copies, no views per step
-        # (every torch call on the model's thread may hand the GIL to another thread).
-        # step_layout puts int32/float32 arrays at multiples of 4 bytes, the trailer of 8.
-        self.ring_i32, self.ring_f32, self.ring_i64 = (
-            ring.view(dtype) for dtype in (torch.int32, torch.float32, torch.int64))
-        self.ids_flat, self.weights_flat = self.ids.view(-1), self.weights.view(-1)  # row-major
-        self.batch = ([], -1, np.zeros(0, np.int64), True)  # _slots_of's last answer
+        try:
+            self.copies = StepCopies(self.channel, self.ids, self.weights, pin=device.type == "cuda")
+        except RuntimeError as e:
+            raise RuntimeError(f"{ENV_PATH}: {e}") from None
         self.stopped = False
         atexit.register(self.close)
         # Worker processes end through multiprocessing, which skips atexit.
@@ -203,7 +190,7 @@ class RouteLogger:
         if self.stopped or not req_ids:
             return
         n = len(req_ids)
-        slots, all_mine = self._slots_of(req_ids)
+        slots, all_mine = self.slots.of_batch(req_ids)
         starts = np.asarray(query_start_loc[: n + 1], dtype=np.int64)
         first, ends = starts[:-1], starts[1:]
         pos = np.asarray(num_computed_tokens[:n], dtype=np.int64)
@@ -217,19 +204,6 @@ class RouteLogger:
             mine = slots >= 0  # not a caller's request otherwise
             slots, first, ends, pos = slots[mine], first[mine], ends[mine], pos[mine]
         self._log_rows(slots, first, ends, pos, int(starts[n]), input_ids)
-
-    def _slots_of(self, req_ids) -> tuple[np.ndarray, bool]:
-        """[n] each batch row's slot, -1 for a request no caller sent, and whether all
-        are a caller's. Most decode steps repeat the last batch while no request opened
-        or closed: then the last answer (read-only) stands."""
-        batch, generation, slots, all_mine = self.batch
-        if generation == self.slots.generation and batch == req_ids:
-            return slots, all_mine
-        slots = np.fromiter(map(self.slots.of.get, req_ids, repeat(-1)), np.int64, len(req_ids))
-        slots.flags.writeable = False
-        all_mine = bool((slots >= 0).all())
-        self.batch = (list(req_ids), self.slots.generation, slots, all_mine)
-        return slots, all_mine
 
     def end_sample(self, sampled_token_ids) -> None:
         """After sampling a held step: the sampler's tokens [num_reqs, 1 + drafts], -1
@@ -272,38 +246,11 @@ class RouteLogger:
                 hit = jump > 0
                 self.channel.post(CACHED, np.stack([slots, next_pos, pos], axis=1)[hit].tobytes())
             if len(spans[0]):
-                self._send_step(spans, num_rows, input_ids)
+                self.copies.send(spans, num_rows, input_ids)
             else:
                 self.channel.flush()
         except WriterGone as e:
             self._writer_gone(e)
-
-    def _send_step(self, spans: tuple[np.ndarray, ...], num_rows: int, input_ids) -> None:
-        """Copies this step's rows into the ring before the next forward reuses them:
-        the copies are queued on the same stream, after this forward and before the
-        next; the trailer lands after the rows and tells the writer they are there.
-        ``spans``: the step's SPAN columns, [n] each."""
-        n = len(spans[0])
-        ids_at, weights_at, tokens_at, trailer_at, size = step_layout(
-            num_rows, n, len(self.layers), self.top_k)
-        offset, end = self.channel.reserve(size)
-        at = HEADER + offset
-        table = np.frombuffer(self.channel.ring, np.int64, n * SPAN, at).reshape(n, SPAN)
-        for column, values in enumerate(spans):
-            table[:, column] = values
-        np.frombuffer(self.channel.ring, np.int64, 1, at + trailer_at)[0] = 0
-        cells = num_rows * len(self.layers) * self.top_k
-        first = (at + ids_at) // 4
-        self.ring_i32[first : first + cells].copy_(self.ids_flat[:cells], non_blocking=True)
-        first = (at + weights_at) // 4
-        self.ring_f32[first : first + cells].copy_(self.weights_flat[:cells], non_blocking=True)
-        if input_ids is not None:
-            first = (at + tokens_at) // 4
-            self.ring_i32[first : first + num_rows].copy_(input_ids[:num_rows], non_blocking=True)
-        first = (at + trailer_at) // 8
-        self.ring_i64[first : first + 1].copy_(self.one, non_blocking=True)
-        self.channel.post(STEP, STEP_HEAD.pack(offset, end, num_rows, n, input_ids is not None))
-        self.channel.flush()
 
     def _writer_gone(self, error: WriterGone) -> None:
         self.stopped = True
