@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from analysis.logfile import read_log
 from conftest import run_engine
 from route_checks import top2_spec
-from test_route_log_writer import LAYERS, TOP_K, cached_reqs, new_request, step
+from test_route_log_writer import LAYERS, TOP_K, cached_reqs, lines_of, new_request, step
 from vllm.model_executor.layers.fused_moe import route_log_metrics, route_logger
 from vllm.model_executor.layers.fused_moe.route_log_config import RouteLogConfig, RouteLogError
 from vllm.model_executor.layers.fused_moe.route_log_metrics import ExpertLoadCollector, LoadCounters, read_shard
@@ -71,6 +71,23 @@ def test_counters_equal_the_logs_counts_cached_positions_left_out(tmp_path):
     assert routed == {layer: 12.0 for layer in LAYERS}  # a's 10 positions and b's 2 computed
     by_layer = collected([str(counters)], "layer")
     assert not expert_counts(by_layer) and len(by_layer) == 2 * len(LAYERS)
+    assert lines_of(path)[-1]["metrics_error"] is None
+
+
+def test_counters_that_cannot_be_made_are_stated_in_the_log(tmp_path):
+    """The log goes on; its 'end' says why /metrics shows no expert load."""
+    path, counters = tmp_path / "log.jsonl", tmp_path / "gone" / "load"
+    config = RouteLogConfig.from_env({"VLLM_LOG_MOE": str(path), "VLLM_LOG_MOE_METRICS": "1"})
+    meta = {"type": "meta", "schema": 1, "layers_logged": LAYERS, "top_k": TOP_K, "num_experts": 1000}
+    logger = route_logger.RouteLogger(config, meta, LAYERS, TOP_K, 64, torch.device("cpu"), str(path), {},
+                                      metrics_path=str(counters))
+    step(logger, new=[new_request("a")], batch=[("a", 0, 5)], value=1)
+    logger.close()
+    lines = lines_of(path)
+    assert sum(r["type"] == "route" for r in lines) == 5 * len(LAYERS)
+    end = lines[-1]
+    assert end["final"] is True and end["write_error"] is None
+    assert str(counters) in end["metrics_error"] and "No such file" in end["metrics_error"]
 
 
 def test_the_gauge_weighs_the_last_minute_only(tmp_path, monkeypatch):

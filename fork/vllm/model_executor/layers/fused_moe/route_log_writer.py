@@ -73,11 +73,15 @@ class Writer:
             from .route_log_columns import RouteColumns
             self.columns = RouteColumns(self.path, self.layers, self.top_k, args["num_experts"])
         self.load = None  # the load counters behind /metrics
+        # With metrics asked for: None, or why /metrics shows no expert load ('end' says it).
+        self.metrics_error: dict = {}
         if args.get("metrics_path"):
             from .route_log_metrics import LoadCounters
+            self.metrics_error = {"metrics_error": None}
             try:
                 self.load = LoadCounters(args["metrics_path"], self.layers, args["num_experts"], self.top_k)
             except OSError as e:
+                self.metrics_error["metrics_error"] = f"{args['metrics_path']}: {e}"
                 print(f"ERROR [route_log_writer.py] VLLM_LOG_MOE_METRICS: {args['metrics_path']}: {e}; "
                       "/metrics will not show expert load", file=sys.stderr, flush=True)
         self.pending: list[np.ndarray] = []  # CACHED spans [n, 3] awaiting the next STEP
@@ -300,7 +304,8 @@ class Writer:
                   "writer_max_rss_mb": _peak_rss_mb(),
                   "block_store_bytes": self.store.nbytes if self.store else 0,
                   **({"route_parts": self.columns.parts} if self.columns else {}),
-                  "write_error": self.error, "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "write_error": self.error, **self.metrics_error,
+                  "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
     def write(self, data) -> None:
