@@ -6,8 +6,9 @@ ROUTE_HOOK_TIMES=folder (bench_throughput.py --time-hooks, bench_throughput_ab.p
 vLLM imports route_logger, its begin_step and end_forward are wrapped with timers, and
 every 10 steps the totals are written to ROUTE_HOOK_TIMES/<pid>.json as
 {name: [calls, seconds, longest call, CPU seconds of the calling thread]} (seconds
-beyond the CPU's: the thread waited, for the GIL or in a system call), the names of paused steps ending in " paused"
-(the steps after the last multiple of 10 are not counted).
+beyond the CPU's: the thread waited, for the GIL or in a system call), the names of
+paused steps ending in " paused" (the steps after the last multiple of 10 are not
+counted).
 
 ROUTE_PAUSE_STEPS=B (bench_throughput_ab.py): steps alternate between B logged and B
 paused ones. A paused step's end_forward is skipped: none of its rows are copied to the
