@@ -22,6 +22,7 @@ from vllm.model_executor.layers.fused_moe.route_log_render import (
     render_rows_plain,
     request_end_line,
     request_line,
+    request_prefix,
 )
 from vllm.model_executor.layers.fused_moe.route_log_requests import HeldStep, Request, sample_index
 from vllm.model_executor.layers.fused_moe.route_log_store import BlockRoutes
@@ -87,7 +88,7 @@ def test_nothing_scheduled_renders_nothing():
 def test_request_records_are_the_json_of_their_fields(req_id, sample, fields):
     """The writer renders request records from the fields the engine sends; they are
     byte for byte what json.dumps makes of the same record."""
-    prefix = Request(req_id, f"{sample}_{req_id}-0123abcd", sample, 5, 2).prefix
+    prefix = request_prefix(req_id, sample)
     head = {"req_id": req_id} | ({} if sample is None else {"sample": sample})
     want = {"type": "request", **head, "engine_req_id": f"{sample}_{req_id}-0123abcd", "prompt_len": 5,
             "prompt_tokens_cached": 2, **fields}
@@ -98,6 +99,21 @@ def test_request_records_are_the_json_of_their_fields(req_id, sample, fields):
     drafts = {"accepted_draft_positions": 0, "rejected_draft_positions": 6}
     want = {"type": "request_end", **head, "finished": True, **counts, **drafts, **fields}
     assert request_end_line(prefix, True, 9, 1, 4, 0, 6, fields_text(fields)) == dumps(want)
+
+
+def test_any_request_id_reaches_the_log_as_given(tmp_path):
+    """Ids travel to the writer as text: quotes, non-ASCII, even a lone surrogate (valid in a
+    Python str, not in UTF-8) come back in the log as the caller gave them."""
+    path = tmp_path / "log.jsonl"
+    logger = make_logger(path)
+    names = ['q"\\ü', "x\ud800"]
+    step(logger, new=[new_request(n) for n in names], batch=[(n, 0, 2) for n in names])
+    logger.close()
+    lines = lines_of(path)
+    assert [r["req_id"] for r in lines if r["type"] == "request"] == names
+    assert [r["engine_req_id"] for r in lines if r["type"] == "request"] == [f"{n}-0123abcd" for n in names]
+    assert {r["req_id"] for r in lines if r["type"] == "route"} == set(names)
+    assert [r["req_id"] for r in lines if r["type"] == "request_end"] == names
 
 
 def dumps(record: dict) -> bytes:

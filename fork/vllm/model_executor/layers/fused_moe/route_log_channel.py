@@ -39,10 +39,11 @@ ALIGN = 64
 # Messages: <type u32, payload bytes u32> + payload.
 FRAME = struct.Struct("<II")
 REQUEST, REQUEST_END, STEP, NOT_LOGGED_ID, CLOSE, BLOCKS, CACHED = range(1, 8)
-# The writer renders the request records (route_log_render.request_line) from these:
-# slot, prefix length, engine id length, prompt tokens sent, prompt_len, prompt_tokens_cached;
-# then the prefix ('"req_id":...,'), the engine's request id (UTF-8), int32 prompt tokens.
-REQUEST_HEAD = struct.Struct("<IIIIqq")
+# The writer renders the request records (route_log_render) from these: slot, req_id
+# length, engine id length, prompt tokens sent, sample (-1: none), prompt_len,
+# prompt_tokens_cached; then req_id and the engine's id (TEXT), int32 prompt tokens.
+REQUEST_HEAD = struct.Struct("<IIIIqqq")
+TEXT = ("utf-8", "surrogatepass")  # any str the caller gave, and back
 # slot, finished, routed, recomputed and cached positions, accepted and rejected draft
 # positions (-1: not speculative decoding).
 REQUEST_END_HEAD = struct.Struct("<IIqqqqq")

@@ -13,7 +13,6 @@ the open part's rows only. Loaded by the writer process only (numpy and pyarrow)
 """
 
 import glob
-import json
 import os
 import time
 
@@ -67,10 +66,8 @@ class RouteColumns:
         self.opened = 0.0  # when the open part got its first row
         self.parts = 0
 
-    def bind(self, slot: int, prefix: bytes) -> None:
-        """The slot's request, from the JSONL prefix '"req_id":...,["sample":n,]'."""
-        record = json.loads(b"{" + prefix.rstrip(b", ") + b"}")
-        self.names[slot] = (str(record["req_id"]), record.get("sample"))
+    def bind(self, slot: int, req_id: str, sample: int | None) -> None:
+        self.names[slot] = (req_id, sample)
 
     def add(self, ids: np.ndarray, weights: np.ndarray, slots: np.ndarray, positions: np.ndarray,
             cached: bool) -> None:

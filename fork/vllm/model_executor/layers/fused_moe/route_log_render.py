@@ -15,6 +15,11 @@ def fields_text(fields: dict) -> bytes:
     return b"".join(b',"%s":%s' % (name.encode(), json.dumps(value).encode()) for name, value in fields.items())
 
 
+def request_prefix(req_id: str, sample: int | None) -> bytes:
+    """'"req_id":...,["sample":n,]': what route and request records of a request start with."""
+    return b'"req_id":%s,%s' % (json.dumps(req_id).encode(), b"" if sample is None else b'"sample":%d,' % sample)
+
+
 def request_line(prefix: bytes, engine_req_id: str, prompt_len: int, cached: int, extra: bytes) -> bytes:
     """A 'request' record; ``prefix`` '"req_id":...,' as in route records."""
     return (b'{"type":"request",%s"engine_req_id":%s,"prompt_len":%d,"prompt_tokens_cached":%d%s}\n'

@@ -2,7 +2,6 @@
 """The worker's view of the requests it logs: who the caller is, which sample, and
 per-slot counters kept in numpy arrays so that a step's bookkeeping is vectorised."""
 
-import json
 import re
 from dataclasses import dataclass, replace
 from itertools import repeat
@@ -22,11 +21,6 @@ class Request:
     prompt_tokens_cached: int  # positions computed before its first forward
     max_len: int = 1 << 62  # prompt + max_tokens: the engine keeps no token beyond
     stops: frozenset = frozenset()  # token ids that end it (EOS unless ignored, stop_token_ids)
-
-    @property
-    def prefix(self) -> bytes:
-        sample = "" if self.sample is None else f'"sample":{self.sample},'
-        return f'"req_id":{json.dumps(self.req_id)},{sample}'.encode()
 
 
 def prompt_len_of(new_req) -> int:
@@ -119,14 +113,15 @@ class Slots:
         self.batch = (list(req_ids), self.generation, slots, all_mine)
         return slots, all_mine
 
-    def close(self, engine_id: str) -> tuple[int, Request] | None:
+    def close(self, engine_id: str) -> int | None:
+        """The request's slot, now free; None for a request not open here."""
         slot = self.of.pop(engine_id, None)
         if slot is None:
             return None
-        request, self.requests[slot] = self.requests[slot], None
+        self.requests[slot] = None
         self.generation += 1
         self.free.append(slot)
-        return slot, request
+        return slot
 
 
 @dataclass(frozen=True)

@@ -36,13 +36,14 @@ from .route_log_channel import (
     REQUEST_END_HEAD,
     REQUEST_HEAD,
     STEP,
+    TEXT,
     STEP_HEAD,
     WAIT_NS,
     SPAN,
     RingReader,
     step_layout,
 )
-from .route_log_render import fields_text, render_rows, request_end_line, request_line
+from .route_log_render import fields_text, render_rows, request_end_line, request_line, request_prefix
 from .route_log_store import BlockRoutes
 
 CHUNK_RECORDS = 1 << 15  # rendered at a time: bounds the writer's own memory
@@ -124,11 +125,11 @@ class Writer:
         if kind == STEP:
             self.step(*STEP_HEAD.unpack(payload))
         elif kind == REQUEST:
-            slot, size, id_size, tokens, prompt_len, cached = REQUEST_HEAD.unpack_from(payload)
+            slot, size, id_size, tokens, sample, prompt_len, cached = REQUEST_HEAD.unpack_from(payload)
             at = REQUEST_HEAD.size + size
-            prefix = payload[REQUEST_HEAD.size : at]
-            self.bind(slot, prefix)
-            engine_req_id = payload[at : at + id_size].decode()
+            req_id = payload[REQUEST_HEAD.size : at].decode(*TEXT)
+            prefix = self.bind(slot, req_id, None if sample < 0 else sample)
+            engine_req_id = payload[at : at + id_size].decode(*TEXT)
             prompt = np.frombuffer(payload, np.int32, tokens, at + id_size)
             # No ids (a prompt of embeddings): where the prompt ends is not known here.
             self.prompt_len[slot] = tokens or NO_PROMPT_IDS
@@ -155,7 +156,9 @@ class Writer:
         elif kind == NOT_LOGGED_ID:
             self.not_logged_ids.append(payload.decode())
 
-    def bind(self, slot: int, prefix: bytes) -> None:
+    def bind(self, slot: int, req_id: str, sample: int | None) -> bytes:
+        """The slot's request from now on; returns its records' prefix."""
+        prefix = request_prefix(req_id, sample)
         rows, width = self.prefix.shape
         if slot >= rows or len(prefix) > width:
             grown = np.full((max(rows, 2 * slot + 1), max(width, len(prefix))), ord(" "), np.uint8)
@@ -167,7 +170,8 @@ class Writer:
         self.prefix[slot, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
         self.prefix_len[slot] = len(prefix)
         if self.columns is not None:
-            self.columns.bind(slot, prefix)
+            self.columns.bind(slot, req_id, sample)
+        return prefix
 
     def step(self, offset: int, end: int, rows: int, num_spans: int, has_tokens: int) -> None:
         num_layers = len(self.layers)

@@ -44,6 +44,7 @@ from vllm.model_executor.layers.fused_moe.route_log_channel import (
     REQUEST_END,
     REQUEST_END_HEAD,
     REQUEST_HEAD,
+    TEXT,
     RouteLogChannel,
     WriterGone,
     step_layout,
@@ -147,11 +148,12 @@ class RouteLogger:
                     self.channel.count_not_logged(new_req.req_id)
                     continue
                 slot = self.slots.open(request)
-                prefix, engine_id = request.prefix, request.engine_req_id.encode()
+                req_id, engine_id = request.req_id.encode(*TEXT), request.engine_req_id.encode(*TEXT)
                 prompt = array("i", new_req.prompt_token_ids or ()).tobytes()
+                sample = -1 if request.sample is None else request.sample
                 self.channel.post(REQUEST, REQUEST_HEAD.pack(
-                    slot, len(prefix), len(engine_id), len(prompt) // 4, request.prompt_len,
-                    request.prompt_tokens_cached) + prefix + engine_id + prompt)
+                    slot, len(req_id), len(engine_id), len(prompt) // 4, sample, request.prompt_len,
+                    request.prompt_tokens_cached) + req_id + engine_id + prompt)
                 if self.block_store is not None:
                     self._post_blocks(slot, new_req.block_ids, replace=True)
             if self.block_store is not None:
@@ -175,9 +177,8 @@ class RouteLogger:
                           + np.asarray(block_ids[0], dtype=np.int32).tobytes())
 
     def _end_request(self, engine_id: str, finished: bool) -> None:
-        closed = self.slots.close(engine_id)
-        if closed is not None:
-            slot = closed[0]
+        slot = self.slots.close(engine_id)
+        if slot is not None:
             slots = self.slots
             drafts = (slots.accepted[slot], slots.rejected[slot]) if self.speculative else (-1, -1)
             self.channel.post(REQUEST_END, REQUEST_END_HEAD.pack(
