@@ -115,19 +115,19 @@ def test_front_end_accepts_good_settings_and_is_silent_when_off(models, tmp_path
 
 
 def test_front_end_checks_speculative_decoding(models, tmp_path, monkeypatch):
-    """n-gram drafts on the CPU run with synchronous scheduling and Model Runner V1:
-    accepted. Where the runner would correct positions after the forward (async
-    scheduling) or not report the sampled tokens (V2), the engine does not start."""
+    """Drafts are logged with either model runner and with async scheduling; with
+    pipeline parallelism, whose last stage alone samples, the engine does not start."""
     from vllm.model_executor.layers.fused_moe.route_log_config import check_engine_config
 
     ngram = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
     config = engine_config(models["top2"], monkeypatch, {"speculative_config": ngram},
                            VLLM_LOG_MOE=str(tmp_path / "r.jsonl"))
-    config.scheduler_config.async_scheduling = True
-    with pytest.raises(RouteLogError, match="needs synchronous scheduling.*--no-async-scheduling"):
+    for async_scheduling in (True, False):
+        config.scheduler_config.async_scheduling = async_scheduling
         check_engine_config(config)
-    config.scheduler_config.async_scheduling = False
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(RouteLogError, match="Model Runner V1 only: set VLLM_USE_V2_MODEL_RUNNER=0"):
+    check_engine_config(config)
+    config.parallel_config.pipeline_parallel_size = 2
+    with pytest.raises(RouteLogError, match=r"speculative decoding \(ngram\) with pipeline parallelism"):
         check_engine_config(config)
     assert list(tmp_path.iterdir()) == []

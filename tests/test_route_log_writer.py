@@ -126,11 +126,11 @@ LAYERS, TOP_K = [0, 5, 23], 2
 
 
 def make_logger(path: Path, buffer_mb: int | None = None, max_rows: int = 64,
-                block_store: dict | None = None) -> route_logger.RouteLogger:
+                block_store: dict | None = None, speculative: bool = False) -> route_logger.RouteLogger:
     env = {"VLLM_LOG_MOE": str(path)} | ({} if buffer_mb is None else {"VLLM_LOG_MOE_BUFFER_MB": str(buffer_mb)})
     meta = {"type": "meta", "schema": 1, "layers_logged": LAYERS, "top_k": TOP_K}
     return route_logger.RouteLogger(RouteLogConfig.from_env(env), meta, LAYERS, TOP_K, max_rows,
-                                    torch.device("cpu"), str(path), {}, block_store)
+                                    torch.device("cpu"), str(path), {}, block_store, speculative)
 
 
 def new_request(name: str, prompt_len: int = 5, cached: int = 0):
@@ -413,9 +413,40 @@ def test_a_speculative_step_keeps_the_drafts_each_request_keeps():
     step = HeldStep(slots=np.array([0, 1, 2, 3, -1]), first=first, ends=first + 4, pos=np.full(5, 10),
                     num_rows=20, input_ids=None, drafts=np.full(5, 3))
     tokens = np.array([[5, 5, 5, 5], [5, 5, -1, -1], [5, 5, 5, 5], [5, 7, 5, 5], [5, 5, 5, 5]])
-    kept = step.verified(tokens, requests)
+    kept = step.verified(tokens, requests, np.zeros(4, bool))
     assert kept.slots.tolist() == [0, 1, 2, 3]
     # a: every row; b: the row before its drafts and one draft; c: 11 tokens before the
     # step and 12 at most, so only position 10 is fed; d: the drafts up to the stop token
     assert (kept.ends - kept.first).tolist() == [4, 2, 1, 2]
     assert kept.accepted.tolist() == [3, 1, 0, 1] and kept.rejected.tolist() == [0, 2, 3, 2]
+
+
+def test_async_scheduling_positions_ahead_of_rejected_drafts_are_reattached(tmp_path):
+    """Model Runner V2 under async scheduling: the host position of a step scheduled
+    before the last step's rejections were known runs ahead by them."""
+    path = tmp_path / "log.jsonl"
+    logger = make_logger(path, speculative=True)
+    params = SimpleNamespace(max_tokens=50, eos_token_id=None, stop_token_ids=None)
+    a = SimpleNamespace(**vars(new_request("a", 4)) | {"sampling_params": params, "block_ids": ([],)})
+    cached = SimpleNamespace(req_ids=["a-0123abcd"], resumed_req_ids=set(), new_block_ids=[None])
+    true_pos = [0, 4, 5, 7]  # the runner's committed positions: step 2 rejects its one draft
+    host_pos = [0, 4, 6, 7]  # step 3 was scheduled before step 2's rejection was seen
+    rows = [4, 2, 2, 2]
+    drafts = [0, 1, 1, 1]
+    num_sampled = [1, 1, 2, 2]
+    for i in range(4):
+        logger.begin_step(SimpleNamespace(scheduled_new_reqs=[a] if i == 0 else [],
+                                          scheduled_cached_reqs=cached, finished_req_ids=set(),
+                                          scheduled_spec_decode_tokens={"a-0123abcd": [0] * drafts[i]}))
+        positions = torch.arange(true_pos[i], true_pos[i] + rows[i], dtype=torch.int32)
+        logger.ids[: rows[i], :, 0] = positions[:, None]
+        logger.ids[: rows[i], :, 1] = 0
+        logger.end_forward(["a-0123abcd"], np.array([0, rows[i]]), np.array([host_pos[i]]), positions + 100)
+        logger.end_sample(torch.full((1, 2), 9), torch.tensor([num_sampled[i]]))
+    logger.close()
+    lines = lines_of(path)
+    logged = sorted(r["token_idx"] for r in lines if r["type"] == "route" and r["layer"] == 0)
+    assert logged == list(range(9))
+    assert all(r["topk_ids"][0] == r["token_idx"] for r in lines if r["type"] == "route")
+    end = next(r for r in lines if r["type"] == "request_end")
+    assert (end["accepted_draft_positions"], end["rejected_draft_positions"]) == (2, 1)

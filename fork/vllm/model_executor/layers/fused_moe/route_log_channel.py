@@ -106,13 +106,21 @@ class RouteLogChannel:
         os.close(read_end)
         os.set_blocking(self._pipe, False)
 
-    def reserve(self, size: int) -> tuple[int, int]:
-        """(data offset, end position) of ``size`` free bytes; waits while the writer
-        holds the ring (back-pressure: counted, never dropped)."""
+    def has_room(self, size: int) -> bool:
+        """Whether ``reserve(size)`` would return at once."""
+        return self._end_of(size) - self.header[CONSUMED] <= self.capacity
+
+    def _end_of(self, size: int) -> int:
         start = self.produced
         if start % self.capacity + size > self.capacity:
             start += self.capacity - start % self.capacity
-        end = start + size
+        return start + size
+
+    def reserve(self, size: int) -> tuple[int, int]:
+        """(data offset, end position) of ``size`` free bytes; waits while the writer
+        holds the ring (back-pressure: counted, never dropped)."""
+        end = self._end_of(size)
+        start = end - size
         if end - self.header[CONSUMED] > self.capacity:
             self._wait(lambda: end - self.header[CONSUMED] <= self.capacity)
         self.produced = end

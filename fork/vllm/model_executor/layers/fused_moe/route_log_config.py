@@ -215,28 +215,14 @@ def _serve_metrics(config: RouteLogConfig, vllm_config) -> None:
 
 
 def _check_speculative(vllm_config) -> None:
-    """Draft rows are kept or cut once sampling says which drafts held: that needs
-    the runner's positions exact at the forward (synchronous scheduling), Model
-    Runner V1's call after sampling, and the sampler on the logging worker."""
+    """Draft rows are kept or cut once sampling says which drafts held: the sampler
+    runs on the last pipeline stage, which logs none of the others' layers."""
     spec = vllm_config.speculative_config
-    if spec is None:
-        return
-    if vllm_config.scheduler_config.async_scheduling:
+    if spec is not None and vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise RouteLogError(
-            f"{ENV_PATH} with speculative decoding ({spec.method}) needs synchronous "
-            "scheduling: with async scheduling the runner corrects rejected drafts' "
-            "positions after the forward; pass --no-async-scheduling "
-            f"(async_scheduling=False) or unset {ENV_PATH}"
-        )
-    if getattr(vllm_config, "use_v2_model_runner", False):
-        raise RouteLogError(
-            f"{ENV_PATH} supports speculative decoding ({spec.method}) with Model Runner "
-            f"V1 only: set VLLM_USE_V2_MODEL_RUNNER=0 and --no-async-scheduling, or unset {ENV_PATH}"
-        )
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        raise RouteLogError(
-            f"{ENV_PATH} does not support speculative decoding with pipeline parallelism "
-            f"yet; unset {ENV_PATH} or turn one of them off"
+            f"{ENV_PATH} does not support speculative decoding ({spec.method}) with pipeline "
+            f"parallelism: the drafts' verdict is sampled on the last stage only; unset "
+            f"{ENV_PATH} or turn one of them off"
         )
 
 

@@ -5,7 +5,8 @@ thread, after the forward (the writer process never imports this: it needs torch
 
 Region layout: route_log_channel.step_layout. The copies are queued on the forward's
 stream, after this forward and before the next one overwrites the buffers; the trailer
-lands after the rows and tells the writer they are there.
+lands after the rows and tells the writer they are there. With speculative decoding
+the spans follow later (``post``), once sampling has said which draft rows count.
 """
 
 import numpy as np
@@ -43,13 +44,18 @@ class StepCopies:
     def send(self, spans: tuple[np.ndarray, ...], num_rows: int, input_ids) -> None:
         """``spans``: the step's SPAN columns, [n] each; the first ``num_rows`` rows of
         the buffers (and of ``input_ids``, the step's token ids, when given)."""
-        n = len(spans[0])
-        ids_at, weights_at, tokens_at, trailer_at, size = step_layout(num_rows, n, *self.shape)
+        self.post(self.copy_rows(num_rows, len(spans[0]), input_ids), spans)
+
+    def size(self, num_rows: int, num_spans: int) -> int:
+        return step_layout(num_rows, num_spans, *self.shape)[-1]
+
+    def copy_rows(self, num_rows: int, num_spans: int, input_ids) -> tuple[int, int, int, int, bool]:
+        """Reserves a step's region for up to ``num_spans`` spans and queues the device
+        copies of its rows and trailer; the region, for ``post``. Call before the next
+        forward overwrites the buffers."""
+        ids_at, weights_at, tokens_at, trailer_at, size = step_layout(num_rows, num_spans, *self.shape)
         offset, end = self.channel.reserve(size)
         at = HEADER + offset
-        table = np.frombuffer(self.channel.ring, np.int64, n * SPAN, at).reshape(n, SPAN)
-        for column, values in enumerate(spans):
-            table[:, column] = values
         np.frombuffer(self.channel.ring, np.int64, 1, at + trailer_at)[0] = 0
         cells = num_rows * self.shape.numel()
         first = (at + ids_at) // 4
@@ -61,5 +67,16 @@ class StepCopies:
             self.ring_i32[first : first + num_rows].copy_(input_ids[:num_rows], non_blocking=True)
         first = (at + trailer_at) // 8
         self.ring_i64[first : first + 1].copy_(self.one, non_blocking=True)
-        self.channel.post(STEP, STEP_HEAD.pack(offset, end, num_rows, n, input_ids is not None))
+        return offset, end, num_rows, num_spans, input_ids is not None
+
+    def post(self, region: tuple[int, int, int, int, bool], spans: tuple[np.ndarray, ...]) -> None:
+        """Tells the writer of a region ``copy_rows`` filled: its spans, at most the
+        region's; the rest are left empty (no rows)."""
+        offset, end, num_rows, num_spans, has_tokens = region
+        table = np.frombuffer(self.channel.ring, np.int64, num_spans * SPAN, HEADER + offset).reshape(num_spans, SPAN)
+        n = len(spans[0])
+        for column, values in enumerate(spans):
+            table[:n, column] = values
+        table[n:] = 0
+        self.channel.post(STEP, STEP_HEAD.pack(offset, end, num_rows, num_spans, has_tokens))
         self.channel.flush()

@@ -81,6 +81,8 @@ class Slots:
         self.blocks = np.zeros(0, dtype=np.int64)  # KV blocks the writer knows of
         self.accepted = np.zeros(0, dtype=np.int64)  # draft positions verification kept
         self.rejected = np.zeros(0, dtype=np.int64)  # draft positions it threw away
+        self.scheduled_end = np.zeros(0, dtype=np.int64)  # end of its last span, drafts included
+        self.ended = np.zeros(0, dtype=bool)  # its last position logged: later rows are not its
         self.free: list[int] = []
         self.generation = 0  # changes whenever a request opens or closes
         self.batch = ([], -1, np.zeros(0, np.int64), True)  # of_batch's last answer
@@ -89,7 +91,8 @@ class Slots:
         if not self.free:
             n = len(self.requests)
             self.requests += [None] * max(n, 64)
-            for name in ("next_pos", "routed", "recomputed", "cached", "blocks", "accepted", "rejected"):
+            for name in ("next_pos", "routed", "recomputed", "cached", "blocks", "accepted", "rejected",
+                         "scheduled_end", "ended"):
                 setattr(self, name, np.resize(getattr(self, name), len(self.requests)))
             self.free = list(range(len(self.requests) - 1, n - 1, -1))
         slot = self.free.pop()
@@ -98,6 +101,8 @@ class Slots:
         self.requests[slot] = request
         self.next_pos[slot] = self.routed[slot] = self.recomputed[slot] = 0
         self.cached[slot] = self.blocks[slot] = self.accepted[slot] = self.rejected[slot] = 0
+        self.scheduled_end[slot] = 0
+        self.ended[slot] = False
         return slot
 
     def of_batch(self, req_ids) -> tuple[np.ndarray, bool]:
@@ -122,6 +127,22 @@ class Slots:
         self.generation += 1
         self.free.append(slot)
         return slot
+
+
+@dataclass
+class PendingStep:
+    """A speculative step from its forward until it is settled: the batch as the runner
+    gave it (host copies), and its rows' region of the ring (None without logged layers)."""
+
+    req_ids: list[str]  # engine request ids, in the batch's order
+    first: np.ndarray  # [n] each request's first row
+    ends: np.ndarray  # [n] one past its last row
+    pos: np.ndarray  # [n] the runner's position of its first row (ahead under async scheduling)
+    num_rows: int
+    drafts: np.ndarray  # [n] draft rows ending each span
+    region: tuple | None
+    tokens: Any = None  # the sampler's tokens [n, 1 + drafts] (host), False: never sampled
+    ready: Any = None  # a CUDA event: ``tokens`` landed on the host
 
 
 @dataclass(frozen=True)
@@ -150,25 +171,36 @@ class HeldStep:
         """RouteLogger._log_rows's arguments."""
         return self.slots, self.first, self.ends, self.pos, self.num_rows, self.input_ids
 
-    def verified(self, tokens: np.ndarray, requests: list) -> "HeldStep":
-        """The caller's requests, each cut to the drafts it keeps: ``tokens`` [n, 1 +
-        drafts] the sampler's, -1 after the first rejected draft; ``requests`` by slot."""
-        drafts = self.drafts
-        kept = self._kept(tokens, requests)
-        rejected = np.where(drafts > 0, np.clip(drafts + 1 - kept, 0, drafts), 0)
-        return replace(self, ends=self.ends - rejected, accepted=drafts - rejected, rejected=rejected).mine()
+    def verified(self, tokens: np.ndarray, requests: list, ended: np.ndarray) -> "HeldStep":
+        """The caller's requests, each cut to the rows it keeps: ``tokens`` [n, 1 +
+        drafts] the sampler's, -1 after the first rejected draft; ``requests`` and
+        ``ended`` (set here once a request's last position is logged) by slot."""
+        cut = (self.ends - self.first) - self._kept(tokens, requests, ended)
+        rejected = np.minimum(cut, self.drafts)
+        return replace(self, ends=self.ends - cut, accepted=self.drafts - rejected, rejected=rejected).mine()
 
-    def _kept(self, tokens: np.ndarray, requests: list) -> np.ndarray:
-        """[n] tokens each request keeps of its step's, as the scheduler cuts them: up
-        to the first rejected draft, its length limit, its first stop token."""
-        kept = (tokens >= 0).sum(axis=1)
-        for i in np.flatnonzero((self.drafts > 0) & (self.slots >= 0)).tolist():
+    def _kept(self, tokens: np.ndarray, requests: list, ended: np.ndarray) -> np.ndarray:
+        """[n] rows each request keeps of its step's, as the scheduler cuts its tokens:
+        up to the first rejected draft, its length limit, its first stop token; none
+        once it has ended (async scheduling runs a step more before the scheduler
+        learns that a step's drafts ended it)."""
+        rows = self.ends - self.first
+        kept = rows.copy()
+        mine = self.slots >= 0
+        done = mine & ended[np.where(mine, self.slots, 0)]
+        kept[done] = 0
+        valid = (tokens >= 0).sum(axis=1)
+        for i in np.flatnonzero((self.drafts > 0) & mine & ~done).tolist():
             request = requests[self.slots[i]]
-            before = int(self.pos[i] + self.ends[i] - self.first[i] - self.drafts[i])
-            kept[i] = min(kept[i], request.max_len - before)
+            before = int(self.pos[i] + rows[i] - self.drafts[i])  # the first sampled token's position
+            kept[i] = min(valid[i], request.max_len - before)
             if request.stops:
                 stop = np.flatnonzero(np.isin(tokens[i, : kept[i]], list(request.stops)))
-                kept[i] = stop[0] + 1 if stop.size else kept[i]
+                if stop.size:
+                    kept[i] = stop[0] + 1
+                    ended[self.slots[i]] = True
+            if before + kept[i] >= request.max_len:
+                ended[self.slots[i]] = True
         return kept
 
     def without_drafts(self) -> "HeldStep":

@@ -8,7 +8,7 @@ Call order in each worker process (every call is a no-op while the log is off):
   attach(model, vllm_config)        model loaded, before torch.compile / graph capture
   begin_step(scheduler_output)      top of every execute_model: requests in and out
   end_forward(req_ids, qsl, done[, input_ids])  after the forward of every real (non-dummy) step
-  end_sample(sampled)               after sampling, with speculative decoding: which drafts held
+  end_sample(sampled[, num_sampled]) after sampling, with speculative decoding: which drafts held
   the log closes at process exit (atexit and multiprocessing finalizers)
 
 CUDA-graph rule: the only work inside the forward is ``RouteLogger._capture``: two
@@ -20,16 +20,24 @@ requests, device copies put the step's rows into a shared-memory ring
 columns) and writes it, and counts the experts' load, with its own GIL and core.
 
 Speculative decoding: a step's last k rows of a request are its draft tokens, routed
-before verification. The step is held from end_forward to end_sample, which cuts each
-request's rejected drafts off its span: they are neither stored nor rendered, and the
-request's next position is the first rejected one. Scheduling must be synchronous
-(route_log_config checks it): with async scheduling the runner's positions at
-end_forward still count the previous step's rejected drafts.
+before verification. Each step's rows go to the ring after its forward, as always, but
+the step waits in ``queue`` (with every later begin_step, in order) until sampling
+says how many drafts each request kept: ``end_sample`` queues a device-to-host copy of
+the sampler's tokens with an event, and the queue is settled, oldest first, whenever
+its head's event has completed (never waited for, but at close or when the ring is
+full). Rejected rows are neither stored nor rendered, and the request's next position
+is the first rejected one. This works with async scheduling: the runner's host
+positions then run ahead by the drafts it rejected in steps whose tokens the
+scheduler had not seen; such a start, between the last kept row and the end of the
+last scheduled span, is the last kept row's successor (as upstream's aux-output
+connector reattaches it).
 """
 
 import atexit
 import multiprocessing.util
 from array import array
+from collections import deque
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -61,6 +69,7 @@ from vllm.model_executor.layers.fused_moe.route_log_layers import moe_routers, s
 from vllm.model_executor.layers.fused_moe.route_log_meta import block_store_settings, route_log_meta
 from vllm.model_executor.layers.fused_moe.route_log_requests import (
     HeldStep,
+    PendingStep,
     Slots,
     request_from,
 )
@@ -88,7 +97,8 @@ class RouteLogger:
         self.block_store = block_store if layers else None
         self.speculative = speculative
         self.drafts: dict[str, list[int]] = {}  # engine request id -> this step's draft tokens
-        self.held: HeldStep | None = None  # a step awaiting end_sample
+        # Speculative decoding: begin_step calls and PendingSteps, settled in this order.
+        self.queue: deque = deque()
         step_max = step_layout(max_rows, max_rows, len(layers), top_k)[-1]
         capacity = buffer_bytes(config, step_max)
         meta = {**meta, "buffer_bytes": capacity, **format_meta(config.format)}
@@ -116,6 +126,7 @@ class RouteLogger:
         writer to render what it holds."""
         if self.stopped:
             return
+        self._drain(wait=True)
         for engine_id in list(self.slots.of):
             self._end_request(engine_id, finished=False)
         self.stopped = True
@@ -135,12 +146,24 @@ class RouteLogger:
     def begin_step(self, scheduler_output) -> None:
         if self.stopped:
             return
-        if self.speculative:
-            if self.held is not None:  # no sampling came: its drafts' fate is unknown
-                self._log_rows(*self.held.without_drafts().rows())
-            self.drafts = scheduler_output.scheduled_spec_decode_tokens
+        new_reqs = scheduler_output.scheduled_new_reqs
+        cached = scheduler_output.scheduled_cached_reqs
+        finished = scheduler_output.finished_req_ids
+        if not self.speculative:
+            self._begin(new_reqs, cached.req_ids, cached.new_block_ids, cached.resumed_req_ids, finished)
+            return
+        if self.queue and isinstance(self.queue[-1], PendingStep) and self.queue[-1].tokens is None:
+            self.queue[-1].tokens = False  # no sampling came: its drafts' fate is unknown
+        self.drafts = scheduler_output.scheduled_spec_decode_tokens
+        # The scheduler's lists, as they are now: settled later.
+        self.queue.append((list(new_reqs), list(cached.req_ids), list(cached.new_block_ids),
+                           set(cached.resumed_req_ids), set(finished)))
+        self._drain()
+
+    def _begin(self, new_reqs, cached_ids, new_block_ids, resumed, finished) -> None:
+        """Requests in and out: request records, their KV blocks, request_end records."""
         try:
-            for new_req in scheduler_output.scheduled_new_reqs:
+            for new_req in new_reqs:
                 if new_req.req_id in self.slots.of:
                     continue
                 request = request_from(new_req, self.max_model_len if self.speculative else None)
@@ -157,11 +180,10 @@ class RouteLogger:
                 if self.block_store is not None:
                     self._post_blocks(slot, new_req.block_ids, replace=True)
             if self.block_store is not None:
-                cached = scheduler_output.scheduled_cached_reqs
-                for engine_id, new_blocks in zip(cached.req_ids, cached.new_block_ids):
+                for engine_id, new_blocks in zip(cached_ids, new_block_ids):
                     if new_blocks is not None and (slot := self.slots.of.get(engine_id)) is not None:
-                        self._post_blocks(slot, new_blocks, engine_id in cached.resumed_req_ids)
-            for engine_id in scheduler_output.finished_req_ids:
+                        self._post_blocks(slot, new_blocks, engine_id in resumed)
+            for engine_id in finished:
                 self._end_request(engine_id, finished=True)
             self.channel.flush()
         except WriterGone as e:
@@ -196,33 +218,95 @@ class RouteLogger:
         first, ends = starts[:-1], starts[1:]
         pos = np.asarray(num_computed_tokens[:n], dtype=np.int64)
         if self.speculative:
-            drafts = np.zeros(n, np.int64)
-            if self.drafts:
-                drafts[:] = [len(self.drafts.get(r, ())) for r in req_ids]
-            self.held = HeldStep(slots, first, ends, pos, int(starts[n]), input_ids, drafts)
+            self._hold(req_ids, starts, num_computed_tokens, input_ids)
             return
         if not all_mine:
             mine = slots >= 0  # not a caller's request otherwise
             slots, first, ends, pos = slots[mine], first[mine], ends[mine], pos[mine]
         self._log_rows(slots, first, ends, pos, int(starts[n]), input_ids)
 
-    def end_sample(self, sampled_token_ids) -> None:
-        """After sampling a held step: the sampler's tokens [num_reqs, 1 + drafts], -1
-        where a draft was rejected. Read on the host: scheduling is synchronous here,
-        and the runner reads the same tokens next."""
-        if self.held is None:
-            return
-        step, self.held = self.held, None
-        if self.stopped:
-            return
-        step = step.verified(sampled_token_ids.to("cpu").numpy()[: len(step.slots)], self.slots.requests)
-        np.add.at(self.slots.accepted, step.slots, step.accepted)
-        np.add.at(self.slots.rejected, step.slots, step.rejected)
-        self._log_rows(*step.rows())
+    def _hold(self, req_ids, starts, num_computed_tokens, input_ids) -> None:
+        """A speculative step: its rows go to the ring now, before the next forward
+        overwrites the buffers; which of them count is settled after its sampling."""
+        n = len(req_ids)
+        drafts = np.zeros(n, np.int64)
+        if self.drafts:
+            drafts[:] = [len(self.drafts.get(r, ())) for r in req_ids]
+        num_rows, region = int(starts[n]), None
+        if self.layers:
+            if not self.channel.has_room(self.copies.size(num_rows, n)):
+                self._drain(wait=True)  # held regions pin the ring: settle them first
+            try:
+                region = self.copies.copy_rows(num_rows, n, input_ids)
+            except WriterGone as e:
+                self._writer_gone(e)
+                return
+        self.queue.append(PendingStep(list(req_ids), starts[:-1].copy(), starts[1:].copy(),
+                                      np.array(num_computed_tokens[:n], dtype=np.int64), num_rows, drafts, region))
 
-    def _log_rows(self, slots, first, ends, pos, num_rows: int, input_ids) -> None:
+    def end_sample(self, sampled_token_ids, num_sampled=None) -> None:
+        """After sampling a held step: the sampler's tokens [num_reqs, 1 + drafts]; the
+        first ``num_sampled`` [num_reqs] of each row count (Model Runner V2), or those
+        before the first -1 (V1). Copied to the host without waiting for the device."""
+        if not self.queue or not isinstance(step := self.queue[-1], PendingStep) or step.tokens is not None:
+            return
+        n = len(step.req_ids)
+        tokens = sampled_token_ids[:n]
+        if num_sampled is not None:
+            kept = torch.arange(tokens.shape[1], device=tokens.device) < num_sampled[:n, None]
+            tokens = torch.where(kept, tokens, -1)
+        if tokens.is_cuda:
+            step.tokens = tokens.to("cpu", non_blocking=True)
+            step.ready = torch.cuda.Event()
+            step.ready.record()
+        else:
+            step.tokens = tokens.clone()
+        self._drain()
+
+    def _drain(self, wait: bool = False) -> None:
+        """Settles the queue, oldest first, while its head is ready (or waiting for it)."""
+        while self.queue and not self.stopped:
+            item = self.queue[0]
+            if isinstance(item, PendingStep):
+                if item.tokens is None:
+                    if not wait:
+                        return
+                    item.tokens = False  # closing before its sampling
+                if item.ready is not None:
+                    if wait:
+                        item.ready.synchronize()
+                    elif not item.ready.query():
+                        return
+                self.queue.popleft()
+                self._settle(item)
+            else:
+                self.queue.popleft()
+                self._begin(*item)
+
+    def _settle(self, item: PendingStep) -> None:
+        slots, _ = self.slots.of_batch(item.req_ids)
+        mine = slots >= 0
+        step = HeldStep(slots, item.first, item.ends, item.pos, item.num_rows, None, item.drafts).mine()
+        if len(step.slots):
+            # A start past the last kept row, within the last scheduled span: the host's
+            # positions assumed drafts that were rejected (async scheduling).
+            kept_end = self.slots.next_pos[step.slots]
+            ahead = (step.pos > kept_end) & (step.pos <= self.slots.scheduled_end[step.slots])
+            self.slots.scheduled_end[step.slots] = step.pos + step.ends - step.first
+            if ahead.any():
+                step = replace(step, pos=np.where(ahead, kept_end, step.pos))
+        if item.tokens is False:
+            step = step.without_drafts()
+        else:
+            step = step.verified(item.tokens.numpy()[mine], self.slots.requests, self.slots.ended)
+            np.add.at(self.slots.accepted, step.slots, step.accepted)
+            np.add.at(self.slots.rejected, step.slots, step.rejected)
+        self._log_rows(*step.rows(), region=item.region)
+
+    def _log_rows(self, slots, first, ends, pos, num_rows: int, input_ids, region=None) -> None:
         """Maps a step's rows to positions and sends them: per caller's request, its
-        slot, first and one-past-last row, and the position of its first row."""
+        slot, first and one-past-last row, and the position of its first row. With
+        ``region``, the rows are in the ring already (speculative decoding)."""
         # After a preemption the same positions run again: log each once. Positions
         # skipped forward were served by the prefix cache: the writer replays them.
         counts = ends - first
@@ -246,7 +330,9 @@ class RouteLogger:
             if jump.any():
                 hit = jump > 0
                 self.channel.post(CACHED, np.stack([slots, next_pos, pos], axis=1)[hit].tobytes())
-            if len(spans[0]):
+            if region is not None:
+                self.copies.post(region, spans)
+            elif len(spans[0]):
                 self.copies.send(spans, num_rows, input_ids)
             else:
                 self.channel.flush()
@@ -316,6 +402,6 @@ def end_forward(req_ids, query_start_loc, num_computed_tokens, input_ids=None) -
         _ACTIVE.end_forward(req_ids, query_start_loc, num_computed_tokens, input_ids)
 
 
-def end_sample(sampled) -> None:
+def end_sample(sampled, num_sampled=None) -> None:
     if _ACTIVE is not None:
-        _ACTIVE.end_sample(sampled)
+        _ACTIVE.end_sample(sampled, num_sampled)
