@@ -2,12 +2,15 @@
 three-way merge.
 
     python fork/port.py 0.33.0 --from 0.32.0
+    python fork/port.py 0.34.0 --from 0.33.0 --drop vllm/v1/worker/gpu_model_runner.py
 
 For each file that fork/patches/v<from>.patch touches, `git merge-file` merges the
 change from the old release's file (base) to that file patched (ours) into the new
 release's file (theirs). If every file merges cleanly, the new release's patch is
 written as the diff of its files against the merged ones; otherwise each conflicting
-file and hunk is named and nothing is written. Both releases must be pinned in
+file and hunk is named and nothing is written. A file the new release no longer has
+(deleted or moved) is named and nothing is written, unless ``--drop`` gives it: then
+its call sites are left behind, for a port by hand. Both releases must be pinned in
 release.py. Our own modules (fork/vllm/) are not patched: they are copied as they are.
 """
 
@@ -29,10 +32,21 @@ def touched(patch: Path) -> list[str]:
             if line.startswith("+++ b/")]
 
 
+class MissingFiles(Exception):
+    """Files the patch touches that a release does not have."""
+
+    def __init__(self, version: str, names: list[str]):
+        super().__init__(f"vLLM {version} has no {', '.join(names)} (deleted or moved upstream): "
+                         "port those call sites by hand, or pass --drop for each to carry the rest")
+
+
 def pristine(version: str, files: list[str], dest: Path) -> Path:
     """Those files of the release's sdist, under ``dest``."""
     prefix = f"vllm-{version}/"
     with tarfile.open(release.sdist(version)) as tar:
+        missing = [name for name in files if prefix + name not in tar.getnames()]
+        if missing:
+            raise MissingFiles(version, missing)
         for name in files:
             member = tar.getmember(prefix + name)
             member.name = name
@@ -64,14 +78,20 @@ def unified(name: str, before: str, after: str) -> str:
     return f"diff -ru a/{name} b/{name}\n" + "".join(lines)
 
 
-def port(new: str, old: str, out_dir: Path = PATCHES) -> tuple[Path | None, dict[str, list[str]]]:
-    """Writes ``out_dir``/v<new>.patch and returns it, or returns the conflicts by file."""
+def port(new: str, old: str, out_dir: Path = PATCHES,
+         drop: tuple[str, ...] = ()) -> tuple[Path | None, dict[str, list[str]]]:
+    """Writes ``out_dir``/v<new>.patch and returns it, or returns the conflicts by file.
+    Raises MissingFiles for touched files that ``new`` lacks and ``drop`` does not name."""
     patch = PATCHES / f"v{old}.patch"
     files = touched(patch)
+    unknown = sorted(set(drop) - set(files))
+    if unknown:
+        raise ValueError(f"--drop {', '.join(unknown)}: not touched by {patch.name}")
     with tempfile.TemporaryDirectory() as tmp:
         base = pristine(old, files, Path(tmp) / "base")
         ours = pristine(old, files, Path(tmp) / "ours")
         subprocess.run(["patch", "-p1", "--batch", "--quiet", "-d", str(ours), "-i", str(patch)], check=True)
+        files = [name for name in files if name not in drop]
         theirs = pristine(new, files, Path(tmp) / "theirs")
         merged, conflicts = {}, {}
         for name in files:
@@ -89,15 +109,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("version", help="the release to port to")
     parser.add_argument("--from", dest="old", required=True, help="the release whose patch is carried")
+    parser.add_argument("--drop", action="append", default=[], metavar="PATH",
+                        help="a touched file the new release deleted: leave its call sites behind")
     args = parser.parse_args()
     try:
-        out, conflicts = port(args.version, args.old)
-    except release.ReleaseError as e:
+        out, conflicts = port(args.version, args.old, drop=tuple(args.drop))
+    except (release.ReleaseError, MissingFiles, ValueError) as e:
         sys.exit(f"fork/port.py: {e}")
     if conflicts:
         sys.exit("fork/port.py: conflicts, nothing written:\n" + "\n".join(
             f"  {name}: {', '.join(hunks)}" for name, hunks in conflicts.items()))
-    print(f"wrote {out}: the call sites of v{args.old} merged into vLLM {args.version}")
+    print(f"wrote {out}: the call sites of v{args.old} merged into vLLM {args.version}"
+          + "".join(f"; {name} dropped" for name in args.drop))
 
 
 if __name__ == "__main__":

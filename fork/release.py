@@ -23,6 +23,7 @@ CACHE = ROOT / ".cache"
 INDEX = "https://pypi.org/simple/vllm/"
 # version -> sha256 of vllm-<version>.tar.gz on PyPI
 SDISTS = {
+    "0.34.0": "fcad848b246a9d8652b47e6425af92334dc02492f9802720f54e27b823cf0113",
     "0.33.0": "f4c33c2503d52bb411146afa9618a4f48bed68912f617e6803ac8d76e4c74112",
     "0.32.0": "d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad",
     "0.31.0": "dde46f1efbe846e5bd0c5c4ec6ec71842c42254c7ff3d9bebb2a57028715d380",
@@ -30,6 +31,8 @@ SDISTS = {
 }
 # (version, machine) -> sha256 of that release's CUDA wheel on PyPI
 CUDA_WHEELS = {
+    ("0.34.0", "x86_64"): "79ca4b3cd74aec08c4bf476bdf0cb15735b605ae5368526a2faae1e30f044ca2",
+    ("0.34.0", "aarch64"): "7d96231fc141ad4b3a441292b77362b285b335ca7d1b0e2ab441d4ebde82f405",
     ("0.33.0", "x86_64"): "4b6bdec4ab269990bf70d45a3c1e94c3760a27064513760193b26d6f0da883aa",
     ("0.33.0", "aarch64"): "e9e404f52c8494b69bd83fe99fe7ecfa9f6b89fbd156d2a9639c24ea41d6d606",
     ("0.32.0", "x86_64"): "5e2ecdc5b0baf72921c288486417ca82778456a448e4fe60b62ee43c0dfc8611",

@@ -6,7 +6,7 @@
 # Needs python3.11+, patch, and access to PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage() { echo "usage: bash scripts/setup.sh [--gpu] [--version X] (CPU: 0.32.0, 0.31.0; --gpu: 0.33.0, 0.32.0, 0.31.0, 0.26.0)" >&2; exit 2; }
+usage() { echo "usage: bash scripts/setup.sh [--gpu] [--version X] (CPU: 0.32.0, 0.31.0; --gpu: 0.34.0, 0.33.0, 0.32.0, 0.31.0, 0.26.0)" >&2; exit 2; }
 device=cpu
 VLLM_VERSION=0.32.0
 while [ $# -gt 0 ]; do

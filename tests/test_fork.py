@@ -42,11 +42,26 @@ def test_patch_applies_cleanly_to_its_release_and_compiles(version, tmp_path):
         py_compile.compile(str(tree / name), cfile=str(tmp_path / "x.pyc"), doraise=True)
 
 
-@pytest.mark.parametrize("new, old", [("0.32.0", "0.31.0"), ("0.33.0", "0.32.0")])
-def test_port_reproduces_the_committed_patch(new, old, tmp_path):
-    out, conflicts = port.port(new, old, tmp_path)
+V1_RUNNER = "vllm/v1/worker/gpu_model_runner.py"  # deleted in 0.34.0
+
+
+@pytest.mark.parametrize("new, old, drop", [("0.32.0", "0.31.0", ()), ("0.33.0", "0.32.0", ()),
+                                            ("0.34.0", "0.33.0", (V1_RUNNER,))])
+def test_port_reproduces_the_committed_patch(new, old, drop, tmp_path):
+    out, conflicts = port.port(new, old, tmp_path, drop=drop)
     assert conflicts == {}
     assert out.read_text() == (ROOT / "fork" / "patches" / f"v{new}.patch").read_text()
+
+
+def test_port_names_a_file_the_new_release_deleted(tmp_path):
+    """0.33.0 -> 0.34.0 without --drop: one line naming the file and the release, a
+    non-zero exit, nothing written."""
+    result = subprocess.run([sys.executable, str(ROOT / "fork" / "port.py"), "0.34.0", "--from", "0.33.0"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"fork/port.py: vLLM 0.34.0 has no {V1_RUNNER} (deleted or moved upstream): "
+                                     "port those call sites by hand, or pass --drop for each to carry the rest")
+    assert not list(tmp_path.iterdir())
 
 
 def test_port_names_each_conflict_and_writes_nothing(tmp_path):
