@@ -3,6 +3,7 @@ engine side is driven the way the model runner drives it (begin_step, end_forwar
 
 import json
 import os
+from dataclasses import replace
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from vllm.model_executor.layers.fused_moe.route_log_render import (
     request_line,
     request_prefix,
 )
-from vllm.model_executor.layers.fused_moe.route_log_requests import HeldStep, Request, sample_index
+from vllm.model_executor.layers.fused_moe.route_log_requests import HeldStep, Request, Slots, sample_index
 from vllm.model_executor.layers.fused_moe.route_log_store import BlockRoutes
 
 
@@ -404,21 +405,30 @@ def test_token_ids_come_once_per_request(tmp_path):
 
 
 def test_a_speculative_step_keeps_the_drafts_each_request_keeps():
-    """Four decode spans of 1 + 3 rows: all drafts accepted; the second rejected;
-    max_tokens reached after one draft; a stop token among the accepted ones. A fifth
-    request no caller sent is dropped."""
-    requests = [Request("a", "a", None, 10, 0), Request("b", "b", None, 10, 0),
-                Request("c", "c", None, 10, 0, max_len=12), Request("d", "d", None, 10, 0, stops=frozenset({7}))]
-    first = np.arange(5) * 4
-    step = HeldStep(slots=np.array([0, 1, 2, 3, -1]), first=first, ends=first + 4, pos=np.full(5, 10),
-                    num_rows=20, input_ids=None, drafts=np.full(5, 3))
-    tokens = np.array([[5, 5, 5, 5], [5, 5, -1, -1], [5, 5, 5, 5], [5, 7, 5, 5], [5, 5, 5, 5]])
-    kept = step.verified(tokens, requests, np.zeros(4, bool))
-    assert kept.slots.tolist() == [0, 1, 2, 3]
+    """Five decode spans of 1 + 3 rows: all drafts accepted; the second rejected;
+    max_tokens reached after one draft; a stop token among the accepted ones; a stop
+    token before min_tokens. A sixth request no caller sent is dropped. Requests that
+    ended keep no row of a later step (async scheduling runs one more)."""
+    slots = Slots()
+    for request in [Request("a", "a", None, 10, 0), Request("b", "b", None, 10, 0),
+                    Request("c", "c", None, 10, 0, max_len=12), Request("d", "d", None, 10, 0, stops=(7,)),
+                    Request("e", "e", None, 10, 0, stops=(7, 8), stop_from=12)]:
+        slots.open(request)
+    first = np.arange(6) * 4
+    step = HeldStep(slots=np.array([0, 1, 2, 3, 4, -1]), first=first, ends=first + 4, pos=np.full(6, 10),
+                    num_rows=24, input_ids=None, drafts=np.full(6, 3))
+    tokens = np.array([[5, 5, 5, 5], [5, 5, -1, -1], [5, 5, 5, 5], [5, 7, 5, 5], [7, 5, 8, 5], [5, 5, 5, 5]])
+    kept = step.verified(tokens, slots)
+    assert kept.slots.tolist() == [0, 1, 2, 3, 4]
     # a: every row; b: the row before its drafts and one draft; c: 11 tokens before the
-    # step and 12 at most, so only position 10 is fed; d: the drafts up to the stop token
-    assert (kept.ends - kept.first).tolist() == [4, 2, 1, 2]
-    assert kept.accepted.tolist() == [3, 1, 0, 1] and kept.rejected.tolist() == [0, 2, 3, 2]
+    # step and 12 at most, so only position 10 is fed; d: the drafts up to the stop token;
+    # e: its first stop (position 11) comes before min_tokens, its second (13) ends it
+    assert (kept.ends - kept.first).tolist() == [4, 2, 1, 2, 3]
+    assert kept.accepted.tolist() == [3, 1, 0, 1, 2] and kept.rejected.tolist() == [0, 2, 3, 2, 1]
+    assert slots.ended[:5].tolist() == [False, False, True, True, True]
+    again = replace(step, pos=np.full(6, 14)).verified(tokens, slots)
+    assert (again.ends - again.first).tolist() == [4, 2, 0, 0, 0]
+    assert again.rejected.tolist() == [0, 2, 3, 3, 3]
 
 
 def test_async_scheduling_positions_ahead_of_rejected_drafts_are_reattached(tmp_path):

@@ -20,7 +20,8 @@ class Request:
     prompt_len: int
     prompt_tokens_cached: int  # positions computed before its first forward
     max_len: int = 1 << 62  # prompt + max_tokens: the engine keeps no token beyond
-    stops: frozenset = frozenset()  # token ids that end it (EOS unless ignored, stop_token_ids)
+    stops: tuple[int, ...] = ()  # token ids that end it (EOS unless ignored, stop_token_ids)
+    stop_from: int = 0  # the first position where a stop token counts (min_tokens)
 
 
 def prompt_len_of(new_req) -> int:
@@ -38,12 +39,13 @@ def request_from(new_req, max_model_len: int | None = None) -> Request | None:
     if external is None:
         return None
     prompt_len = prompt_len_of(new_req)
-    max_len, stops = max_model_len or 1 << 62, frozenset()
+    max_len, stops, stop_from = max_model_len or 1 << 62, (), 0
     params = new_req.sampling_params if max_model_len is not None else None
     if params is not None:
         if params.max_tokens is not None:
             max_len = min(max_len, prompt_len + params.max_tokens)
-        stops = frozenset(t for t in (params.eos_token_id, *(params.stop_token_ids or ())) if t is not None)
+        stops = tuple({t for t in (params.eos_token_id, *(params.stop_token_ids or ())) if t is not None})
+        stop_from = prompt_len + max(getattr(params, "min_tokens", 0) or 0, 1) - 1
     return Request(
         req_id=external,
         engine_req_id=engine_id,
@@ -52,6 +54,7 @@ def request_from(new_req, max_model_len: int | None = None) -> Request | None:
         prompt_tokens_cached=new_req.num_computed_tokens,
         max_len=max_len,
         stops=stops,
+        stop_from=stop_from,
     )
 
 
@@ -65,6 +68,9 @@ def sample_index(engine_id: str, external: str) -> int | None:
     if index.isdigit() and rest.startswith(external) and _SUFFIX.fullmatch(rest[len(external):]):
         return int(index)
     return None
+
+
+NO_TOKEN = -2  # pads Slots.stops; -1 marks the sampler's rejected tokens
 
 
 class Slots:
@@ -83,6 +89,9 @@ class Slots:
         self.rejected = np.zeros(0, dtype=np.int64)  # draft positions it threw away
         self.scheduled_end = np.zeros(0, dtype=np.int64)  # end of its last span, drafts included
         self.ended = np.zeros(0, dtype=bool)  # its last position logged: later rows are not its
+        self.max_len = np.zeros(0, dtype=np.int64)  # Request.max_len
+        self.stop_from = np.zeros(0, dtype=np.int64)  # Request.stop_from
+        self.stops = np.full((0, 1), NO_TOKEN, dtype=np.int64)  # [slots, most stops] Request.stops
         self.free: list[int] = []
         self.generation = 0  # changes whenever a request opens or closes
         self.batch = ([], -1, np.zeros(0, np.int64), True)  # of_batch's last answer
@@ -92,9 +101,13 @@ class Slots:
             n = len(self.requests)
             self.requests += [None] * max(n, 64)
             for name in ("next_pos", "routed", "recomputed", "cached", "blocks", "accepted", "rejected",
-                         "scheduled_end", "ended"):
+                         "scheduled_end", "ended", "max_len", "stop_from"):
                 setattr(self, name, np.resize(getattr(self, name), len(self.requests)))
             self.free = list(range(len(self.requests) - 1, n - 1, -1))
+        if len(self.stops) < len(self.requests) or len(request.stops) > self.stops.shape[1]:
+            stops = np.full((len(self.requests), max(self.stops.shape[1], len(request.stops))), NO_TOKEN)
+            stops[: len(self.stops), : self.stops.shape[1]] = self.stops
+            self.stops = stops
         slot = self.free.pop()
         self.generation += 1
         self.of[request.engine_req_id] = slot
@@ -103,6 +116,9 @@ class Slots:
         self.cached[slot] = self.blocks[slot] = self.accepted[slot] = self.rejected[slot] = 0
         self.scheduled_end[slot] = 0
         self.ended[slot] = False
+        self.max_len[slot], self.stop_from[slot] = request.max_len, request.stop_from
+        self.stops[slot] = NO_TOKEN
+        self.stops[slot, : len(request.stops)] = request.stops
         return slot
 
     def of_batch(self, req_ids) -> tuple[np.ndarray, bool]:
@@ -171,36 +187,36 @@ class HeldStep:
         """RouteLogger._log_rows's arguments."""
         return self.slots, self.first, self.ends, self.pos, self.num_rows, self.input_ids
 
-    def verified(self, tokens: np.ndarray, requests: list, ended: np.ndarray) -> "HeldStep":
+    def verified(self, tokens: np.ndarray, slots: "Slots") -> "HeldStep":
         """The caller's requests, each cut to the rows it keeps: ``tokens`` [n, 1 +
-        drafts] the sampler's, -1 after the first rejected draft; ``requests`` and
-        ``ended`` (set here once a request's last position is logged) by slot."""
-        cut = (self.ends - self.first) - self._kept(tokens, requests, ended)
+        drafts] the sampler's, -1 after the first rejected draft."""
+        cut = (self.ends - self.first) - self._kept(tokens, slots)
         rejected = np.minimum(cut, self.drafts)
         return replace(self, ends=self.ends - cut, accepted=self.drafts - rejected, rejected=rejected).mine()
 
-    def _kept(self, tokens: np.ndarray, requests: list, ended: np.ndarray) -> np.ndarray:
+    def _kept(self, tokens: np.ndarray, slots: "Slots") -> np.ndarray:
         """[n] rows each request keeps of its step's, as the scheduler cuts its tokens:
         up to the first rejected draft, its length limit, its first stop token; none
         once it has ended (async scheduling runs a step more before the scheduler
-        learns that a step's drafts ended it)."""
+        learns that a step's drafts ended it). Sets ``slots.ended`` where it ends."""
         rows = self.ends - self.first
         kept = rows.copy()
         mine = self.slots >= 0
-        done = mine & ended[np.where(mine, self.slots, 0)]
+        at = np.where(mine, self.slots, 0)
+        done = mine & slots.ended[at]
+        i = np.flatnonzero(mine & ~done & (self.drafts > 0))
+        if i.size:
+            at_i, sampled = at[i], tokens[i]
+            first = (self.pos + rows - self.drafts)[i]  # the first sampled token's position
+            k = np.minimum((sampled >= 0).sum(axis=1), slots.max_len[at_i] - first)
+            column = np.arange(sampled.shape[1])
+            stop = ((sampled[:, :, None] == slots.stops[at_i][:, None, :]).any(axis=2)
+                    & (column < k[:, None]) & (first[:, None] + column >= slots.stop_from[at_i][:, None]))
+            stopped = stop.any(axis=1)
+            k = np.where(stopped, stop.argmax(axis=1) + 1, k)
+            kept[i] = k
+            slots.ended[at_i[stopped | (first + k >= slots.max_len[at_i])]] = True
         kept[done] = 0
-        valid = (tokens >= 0).sum(axis=1)
-        for i in np.flatnonzero((self.drafts > 0) & mine & ~done).tolist():
-            request = requests[self.slots[i]]
-            before = int(self.pos[i] + rows[i] - self.drafts[i])  # the first sampled token's position
-            kept[i] = min(valid[i], request.max_len - before)
-            if request.stops:
-                stop = np.flatnonzero(np.isin(tokens[i, : kept[i]], list(request.stops)))
-                if stop.size:
-                    kept[i] = stop[0] + 1
-                    ended[self.slots[i]] = True
-            if before + kept[i] >= request.max_len:
-                ended[self.slots[i]] = True
         return kept
 
     def without_drafts(self) -> "HeldStep":

@@ -39,6 +39,7 @@ from array import array
 from collections import deque
 from dataclasses import replace
 from functools import partial
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -231,7 +232,7 @@ class RouteLogger:
         n = len(req_ids)
         drafts = np.zeros(n, np.int64)
         if self.drafts:
-            drafts[:] = [len(self.drafts.get(r, ())) for r in req_ids]
+            drafts[:] = np.fromiter(map(len, map(self.drafts.get, req_ids, repeat(()))), np.int64, n)
         num_rows, region = int(starts[n]), None
         if self.layers:
             if not self.channel.has_room(self.copies.size(num_rows, n)):
@@ -298,7 +299,7 @@ class RouteLogger:
         if item.tokens is False:
             step = step.without_drafts()
         else:
-            step = step.verified(item.tokens.numpy()[mine], self.slots.requests, self.slots.ended)
+            step = step.verified(item.tokens.numpy()[mine], self.slots)
             np.add.at(self.slots.accepted, step.slots, step.accepted)
             np.add.at(self.slots.rejected, step.slots, step.rejected)
         self._log_rows(*step.rows(), region=item.region)
