@@ -93,7 +93,7 @@ def child(args) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, seed=1234)
     t0 = time.perf_counter()
     llm = LLM(model=str(args.model), load_format="dummy", seed=1234, enable_prefix_caching=args.prefix_caching,
-              tensor_parallel_size=args.tp, max_model_len=args.max_model_len)
+              tensor_parallel_size=args.tp, max_model_len=args.max_model_len, **speculative(args))
     start_s = time.perf_counter() - t0
     log = Path(os.environ["VLLM_LOG_MOE"]) if "VLLM_LOG_MOE" in os.environ else None
     layers = None
@@ -227,7 +227,7 @@ def hook_times(folder: Path) -> dict:
 
 def workload(args, keys=("repeats", "warmup")) -> dict:
     """The child's options: the workload's, plus ``keys`` of this benchmark's own."""
-    keys = ("model", "data", "requests", "max_tokens", "prompt_tokens", "tp", "max_model_len", *keys)
+    keys = ("model", "data", "requests", "max_tokens", "prompt_tokens", "tp", "max_model_len", "eagle", *keys)
     return {k: getattr(args, k) for k in keys} | {"prefix_caching": args.prefix_caching or None}
 
 
@@ -321,6 +321,25 @@ def per_step_ms(times: dict) -> float:
     return sum(t[1] for t in times.values()) / times["end_forward"][0] * 1e3
 
 
+def speculative(args) -> dict:
+    """With --eagle K: EAGLE drafts (K per step) from a one-layer head of the model's
+    sizes, with random weights like the model's (load_format="dummy"): its guesses are
+    nearly all rejected, the most rows a step can throw away."""
+    if not args.eagle:
+        return {}
+    import tempfile
+
+    from transformers import AutoConfig, LlamaConfig
+
+    target = AutoConfig.from_pretrained(args.model)
+    head = Path(tempfile.mkdtemp(prefix="eagle-head-"))
+    LlamaConfig(vocab_size=target.vocab_size, hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
+                num_hidden_layers=1, num_attention_heads=target.num_attention_heads,
+                num_key_value_heads=target.num_key_value_heads, max_position_embeddings=target.max_position_embeddings,
+                architectures=["LlamaForCausalLM"], torch_dtype="bfloat16").save_pretrained(head)
+    return {"speculative_config": {"method": "eagle", "model": str(head), "num_speculative_tokens": args.eagle}}
+
+
 def add_workload_options(p: argparse.ArgumentParser) -> None:
     """The workload and the process's place in the run, shared with bench_throughput_ab.py."""
     p.add_argument("--model", type=Path, default=SHARED / "models" / "qwen1.5-moe-a2.7b-chat")
@@ -331,6 +350,7 @@ def add_workload_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     p.add_argument("--prefix-caching", action="store_true", help="vLLM's default; off unless given")
+    p.add_argument("--eagle", type=int, default=0, metavar="K", help="speculative decoding: K EAGLE drafts per step")
     p.add_argument("--out", required=True)
     p.add_argument("--mode")
     p.add_argument("--first-round", type=int, default=0, help="rotation of the first round")

@@ -53,7 +53,7 @@ def child(args) -> dict:
     batch = tp.prompts(args, AutoTokenizer.from_pretrained(str(args.model)))
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, seed=1234)
     llm = LLM(model=str(args.model), load_format="dummy", seed=1234, enable_prefix_caching=args.prefix_caching,
-              tensor_parallel_size=args.tp, max_model_len=args.max_model_len)
+              tensor_parallel_size=args.tp, max_model_len=args.max_model_len, **tp.speculative(args))
     llm.generate(batch, params, use_tqdm=False)
     windows, digests = [], set()
     for _ in range(args.generations):
@@ -62,7 +62,7 @@ def child(args) -> dict:
         windows.append((t0, time.perf_counter()))
         digests.add(hash(tuple(tuple(o.outputs[0].token_ids) for o in outs)))
     return {
-        "mode": args.mode, "block": args.block, "windows": windows, "requests": len(batch),
+        "mode": args.mode, "block": args.block, "windows": windows, "requests": len(batch), "eagle": args.eagle,
         "same_tokens": len(digests) == 1, "output_digest": digests.pop(),
         "prefix_caching": args.prefix_caching, "tensor_parallel_size": args.tp,
         "vllm": vllm.__version__, "torch": torch.__version__,
@@ -117,9 +117,18 @@ def run_process(args, mode: str, rnd: int, tmp: Path) -> dict:
 
 
 def log_summary(log: Path) -> dict:
-    """The log's closing record and size; a parquet log's parts (rows, bytes, closed_at)."""
+    """The log's closing record and size, its draft positions kept and cut; a parquet
+    log's parts (rows, bytes, closed_at)."""
     if not log.is_dir():
-        return {"log_end": json.loads(tp.last_line(log)), "log_bytes": log.stat().st_size}
+        drafts = [0, 0]  # accepted and rejected draft positions (speculative decoding)
+        with open(log, "rb") as f:
+            for line in f:
+                if line.startswith(b'{"type":"request_end"') and b'"accepted_draft_positions"' in line:
+                    end = json.loads(line)
+                    drafts[0] += end["accepted_draft_positions"]
+                    drafts[1] += end["rejected_draft_positions"]
+        return {"log_end": json.loads(tp.last_line(log)), "log_bytes": log.stat().st_size,
+                "draft_positions": {"accepted": drafts[0], "rejected": drafts[1]}}
     lines = (log / "records.jsonl").read_bytes().splitlines()
     return {"log_end": json.loads(lines[-1]), "log_bytes": sum(f.stat().st_size for f in log.rglob("*") if f.is_file()),
             "parts": [json.loads(line) for line in lines if line.startswith(b'{"type":"part"')]}
@@ -133,7 +142,8 @@ def step_rows(result: dict) -> list[tuple]:
     for g, (t0, t1) in enumerate(result["windows"]):
         inside = [n for n, s in enumerate(steps) if t0 <= s[0] <= t1]
         for k, (n, after) in enumerate(zip(inside, inside[1:])):
-            kind = "decode" if steps[n][1] <= result["requests"] else "prefill"
+            decode = steps[n][1] <= result["requests"] * (1 + result.get("eagle", 0))  # a token and its drafts
+            kind = "decode" if decode else "prefill"
             rows.append((kind, steps[n][2], k, (g, n // segment), (steps[after][0] - steps[n][0]) * 1e3))
     return rows
 
