@@ -63,9 +63,9 @@ def gone(pids: list[int]) -> bool:
     return not any(alive(p) for p in pids)
 
 
-async def complete(client, model, prompt, max_tokens, request_id=None) -> dict:
+async def complete(client, model, prompt, max_tokens, request_id=None, seed=None) -> dict:
     resp = await client.completions.create(
-        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0 if seed is None else 1.0, seed=seed,
         extra_body={"return_token_ids": True, "ignore_eos": True},
         extra_headers={"X-Request-Id": request_id} if request_id else None,
     )
@@ -88,9 +88,10 @@ async def traffic(port: int, model: str, pid: int) -> dict:
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                 timeout=300)
     # 32 completions and 4 chats at once, half of the completions with the caller's
-    # own id (X-Request-Id).
+    # own id (X-Request-Id), a quarter sampled with a seed of their own: their prefills
+    # are chunked (256-token steps), which crashed vLLM's CPU runner before the fork's fix.
     *first, chats = await asyncio.gather(*(
-        complete(client, model, p, 12, f"client-{i}" if i % 2 else None)
+        complete(client, model, p, 12, f"client-{i}" if i % 2 else None, 100 + i if i % 4 == 3 else None)
         for i, p in enumerate(prompts(11, [10 + 3 * i for i in range(CONCURRENT)]))
     ), asyncio.gather(*(chat(client, model, i) for i in range(CHATS))))
     gate, rss, many = asyncio.Semaphore(64), [], []
