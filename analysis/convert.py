@@ -22,14 +22,7 @@ import pyarrow.parquet as pq
 from analysis.log_format import CHUNK_BYTES, LogFormatError, parse_block, read_meta
 from analysis.merge import _line
 from analysis.parquet_log import RECORDS, ROUTES, is_parquet_log, part_files
-
-PART_ROWS = 1 << 20
-# The engine's writer's (route_log_columns.py): this package does not import vLLM.
-PARQUET_OPTIONS = {
-    "compression": "zstd", "compression_level": 9,
-    "use_dictionary": ["req_id", "sample", "token_idx", "layer"],
-    "use_byte_stream_split": ["topk_ids.list.element", "topk_weights.list.element"],
-}
+from analysis.route_format import PARQUET_OPTIONS, PART_ROWS, format_meta, id_type, part_name
 
 
 def to_parquet(src: Path, dst: Path) -> dict:
@@ -39,7 +32,8 @@ def to_parquet(src: Path, dst: Path) -> dict:
         stale.unlink()
     with open(src, "rb") as f, open(dst / RECORDS, "wb") as records:
         meta = _renamed_shards(read_meta(f.readline()), src, dst)
-        meta = {**meta, "format": "parquet", "routes": f"{ROUTES}/part-NNNNNN.parquet", "part_rows": PART_ROWS}
+        parquet = format_meta("parquet")  # converted parts close by rows only
+        meta = {**meta, **{k: parquet[k] for k in ("format", "routes", "part_rows")}}
         records.write(_line(meta))
         parts = _Parts(dst, meta)
         end, tail = None, b""
@@ -69,12 +63,12 @@ def to_jsonl(src: Path, dst: Path) -> dict:
     data = (src / RECORDS).read_bytes()
     lines = data[: data.rfind(b"\n")].split(b"\n")  # an unfinished last line (a crash) left out
     meta = _renamed_shards(read_meta(lines[0]), src, dst)
-    meta = {k: v for k, v in meta.items() if k not in ("routes", "part_rows", "part_seconds", "crash_loss")}
+    meta = {k: v for k, v in meta.items() if k not in format_meta("parquet")}
     kinds = [json.loads(line)["type"] if line.strip() else None for line in lines[1:]]
     total = 0
     dst.parent.mkdir(parents=True, exist_ok=True)
     with open(dst, "wb") as out:
-        out.write(_line({**meta, "format": "jsonl"}))
+        out.write(_line({**meta, **format_meta("jsonl")}))
         out.writelines(line + b"\n" for line, kind in zip(lines[1:], kinds) if kind == "request")
         for part in part_files(src):
             for batch in pq.ParquetFile(part).iter_batches(PART_ROWS):
@@ -105,7 +99,7 @@ class _Parts:
         self.dst, self.batches, self.rows, self.count, self.total = dst, [], 0, 0, 0
         self.records: list[dict] = []
         num_experts = meta.get("num_experts", 1 << 15)
-        self.id_type = pa.uint8() if num_experts <= 1 << 8 else pa.int16() if num_experts <= 1 << 15 else pa.int32()
+        self.id_type = id_type(num_experts)
 
     def add(self, table: pa.Table) -> None:
         routes = table.filter(pc.equal(table["type"], "route"))
@@ -129,7 +123,7 @@ class _Parts:
             return
         table = pa.concat_tables(self.batches).unify_dictionaries().combine_chunks()
         table = table.take(pa.array(np.argsort(table["layer"].to_numpy(), kind="stable")))
-        name = f"part-{self.count:06d}.parquet"
+        name = part_name(self.count)
         pq.write_table(table, self.dst / ROUTES / name, **PARQUET_OPTIONS)
         self.records.append({"type": "part", "file": f"{ROUTES}/{name}", "rows": self.rows,
                              "bytes": (self.dst / ROUTES / name).stat().st_size})

@@ -10,7 +10,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.json as pajson
 
-SCHEMA_VERSIONS = {1}
+from analysis.route_format import SCHEMA_VERSION, WEIGHT_DECIMALS
+
 # cached: prompt positions the prefix cache served, their routing replayed by the
 # writer ("cached": true); unknown: no 'request' record seen.
 PHASES = ("prompt", "generated", "unknown", "cached")
@@ -63,8 +64,8 @@ def read_meta(first_line: bytes) -> dict:
     missing = [f for f in META_FIELDS if f not in meta]
     if missing:
         raise LogFormatError(f"line 1: meta header lacks {', '.join(missing)}")
-    if meta.get("schema", 1) not in SCHEMA_VERSIONS:
-        raise LogFormatError(f"line 1: schema {meta['schema']} not in {sorted(SCHEMA_VERSIONS)}")
+    if meta.get("schema", 1) != SCHEMA_VERSION:
+        raise LogFormatError(f"line 1: schema {meta['schema']}; this reader reads schema {SCHEMA_VERSION}")
     return meta
 
 
@@ -79,7 +80,7 @@ def finite(weights: np.ndarray) -> np.ndarray:
     return weights if np.isfinite(weights.sum()) else np.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-WEIGHT_UNITS = 1e9  # weights are summed in units of 1e-9 (the writer's 9 decimals)
+WEIGHT_UNITS = 10.0**WEIGHT_DECIMALS  # weights are summed in the writer's last decimal's units
 
 
 def weight_units(cells: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from analysis.parquet_log import RECORDS, ROUTES, part_files
+from analysis.route_format import part_name
 
 SUMMED = ("steps", "route_records", "engine_waits", "engine_wait_s", "requests_not_logged",
           "cached_route_records")
@@ -98,7 +99,7 @@ class _LinkedParts:
         """Links the shard's closed parts; returns their records' new 'file' names."""
         renamed = {}
         for part in part_files(shard):
-            name = f"part-{self.count:06d}.parquet"
+            name = part_name(self.count)
             try:
                 os.link(part, self.routes / name)
             except OSError:

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from analysis.log_format import CHUNK_BYTES, RouteLog, read_meta
 from analysis.logfile import LogReader, feed_lines
 from analysis.aggregates import WINDOW
+from analysis.route_format import PARQUET_RECORDS as RECORDS, PARQUET_ROUTES as ROUTES, PART_GLOB
 
-RECORDS, ROUTES = "records.jsonl", "routes"
 BATCH_ROWS = 1 << 18
 
 
@@ -29,7 +29,7 @@ def is_parquet_log(path: str | Path) -> bool:
 
 def part_files(path: str | Path) -> list[Path]:
     """The closed parts, in the order written (hidden files are parts being written)."""
-    return sorted((Path(path) / ROUTES).glob("part-*.parquet"))
+    return sorted((Path(path) / ROUTES).glob(PART_GLOB))
 
 
 def read_parquet_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: int = WINDOW,

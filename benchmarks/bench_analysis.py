@@ -2,7 +2,7 @@
 
     python benchmarks/bench_analysis.py --records 10000000 --log /tmp/big.jsonl [--parquet]
 
-The log is written with the fork's own renderer (route_log_render.render_rows), so its
+The log is written with the fork's own renderer (route_log/writer/render.py), so its
 lines are byte-for-byte what the engine writes: 24 layers, top-4 of 60 experts, requests
 of 100 prompt + 128 generated positions, skewed expert popularity, token ids once per
 request (Qwen's vocabulary size), so that token specialisation is counted too. The analysis runs in a
@@ -25,7 +25,7 @@ LAYERS, EXPERTS, TOP_K, PROMPT, GENERATED, VOCAB = 24, 60, 4, 100, 128, 151_936
 
 
 def generate(path: Path, records: int, seed: int = 0) -> int:
-    from vllm.model_executor.layers.fused_moe.route_log_render import render_rows
+    from vllm.model_executor.layers.fused_moe.route_log.writer.render import render_rows
 
     rng = np.random.default_rng(seed)
     popularity = rng.dirichlet(np.full(EXPERTS, 0.5))

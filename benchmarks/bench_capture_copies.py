@@ -2,7 +2,7 @@
 cost that a paused log still pays (bench_throughput_ab.py), and the step's copies to the
 host ring. Inside the forward, per logged layer, RouteLogger._capture copies topk_ids and
 topk_weights into its step buffers, and vLLM's CUDA graphs hold those copies. After the
-forward, StepCopies.send (route_log_copies.py) copies the step's rows of both buffers
+forward, StepCopies.send (route_log/engine/copies.py) copies the step's rows of both buffers
 into pinned host memory, asynchronously, on the forward's stream.
 
     python benchmarks/bench_capture_copies.py [--layers 1,24] [--rows 1000,16384] [--json]

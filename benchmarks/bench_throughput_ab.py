@@ -73,7 +73,7 @@ def child(args) -> dict:
 def metrics_seen() -> dict:
     """With live metrics on: the tokens /metrics would show per layer now (the logged
     steps' only), as proof that the counters ran."""
-    from vllm.model_executor.layers.fused_moe import route_log_metrics
+    from vllm.model_executor.layers.fused_moe.route_log import metrics as route_log_metrics
 
     if route_log_metrics._COLLECTOR is None:
         return {}

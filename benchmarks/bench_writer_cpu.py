@@ -39,7 +39,7 @@ def make_logger(path: str, layers: list[int], rows: int, top_k: int, num_experts
     import torch
 
     from vllm.model_executor.layers.fused_moe import route_logger
-    from vllm.model_executor.layers.fused_moe.route_log_config import RouteLogConfig
+    from vllm.model_executor.layers.fused_moe.route_log.config import RouteLogConfig
 
     config = RouteLogConfig.from_env({"VLLM_LOG_MOE": path, "VLLM_LOG_MOE_LAYERS": "all"})
     meta = {"type": "meta", "schema": 1, "layers_logged": layers, "num_experts": num_experts,

@@ -42,6 +42,7 @@ def apply_delta(version: str, tree: Path) -> None:
     subprocess.run(["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-d", str(tree),
                     "-i", str(patch)], check=True)
     for src in (FORK / "vllm").rglob("*.py"):
+        (tree / src.relative_to(FORK)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, tree / src.relative_to(FORK))
 
 

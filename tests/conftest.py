@@ -15,7 +15,7 @@ from experiments.tiny_moe import TOP2, TOP4_NORM, build_dense, build_moe
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 ROUTE_ENV = ("VLLM_LOG_MOE", "VLLM_LOG_MOE_LAYERS", "VLLM_LOG_MOE_BUFFER_MB", "VLLM_LOG_MOE_FORMAT",
-             "VLLM_LOG_MOE_METRICS", "MOE_ROUTE_LOG_METRICS_SHM")
+             "VLLM_LOG_MOE_METRICS")
 
 
 @pytest.fixture(autouse=True)

@@ -86,7 +86,7 @@ def test_build_makes_a_git_tree_and_export_writes_its_commits_back(tmp_path):
     assert sorted(c.split("\t")[1] for c in changed if c.startswith("M")) == sorted(
         port.touched(ROOT / "fork" / "patches" / "v0.32.0.patch"))
 
-    module = work / "vllm/model_executor/layers/fused_moe/route_log_store.py"
+    module = work / "vllm/model_executor/layers/fused_moe/route_log/writer/store.py"
     call_site = work / "vllm/model_executor/layers/fused_moe/router/base_router.py"
     module.write_text(module.read_text() + "# an edit to our module\n")
     call_site.write_text(call_site.read_text().replace(
@@ -96,16 +96,16 @@ def test_build_makes_a_git_tree_and_export_writes_its_commits_back(tmp_path):
     with pytest.raises(RuntimeError, match="uncommitted changes"):
         tree.export(work, fork)
     tree.git(work, "commit", "-qam", "an edit")
-    edited_here = fork / "vllm/model_executor/layers/fused_moe/route_log_store.py"
+    edited_here = fork / "vllm/model_executor/layers/fused_moe/route_log/writer/store.py"
     kept = edited_here.read_text()
     edited_here.write_text(kept + "# edited in fork/ after the build\n")
-    with pytest.raises(RuntimeError, match=r"fork/ changed since .*/route_log_store\.py"):
+    with pytest.raises(RuntimeError, match=r"fork/ changed since .*/store\.py"):
         tree.export(work, fork)  # it would be overwritten: refused, nothing written
     assert edited_here.read_text().endswith("# edited in fork/ after the build\n")
     edited_here.write_text(kept)
     written = tree.export(work, fork)
     assert sorted(written) == sorted([str(fork / p) for p in ours] + [str(fork / "patches" / "v0.32.0.patch")])
-    exported = fork / "vllm/model_executor/layers/fused_moe/route_log_store.py"
+    exported = fork / "vllm/model_executor/layers/fused_moe/route_log/writer/store.py"
     assert exported.read_text().endswith("# an edit to our module\n")
     patch = (fork / "patches" / "v0.32.0.patch").read_text()
     assert "+        # an edit at a call site\n" in patch

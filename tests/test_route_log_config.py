@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from vllm.model_executor.layers.fused_moe.route_log_config import (
+from vllm.model_executor.layers.fused_moe.route_log.config import (
     LAYERS_HELP,
     RouteLogConfig,
     RouteLogError,
@@ -117,17 +117,17 @@ def test_front_end_accepts_good_settings_and_is_silent_when_off(models, tmp_path
 def test_front_end_checks_speculative_decoding(models, tmp_path, monkeypatch):
     """Drafts are logged with either model runner and with async scheduling; with
     pipeline parallelism, whose last stage alone samples, the engine does not start."""
-    from vllm.model_executor.layers.fused_moe.route_log_config import check_engine_config
+    from vllm.model_executor.layers.fused_moe.route_log.config import route_log_settings
 
     ngram = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
     config = engine_config(models["top2"], monkeypatch, {"speculative_config": ngram},
                            VLLM_LOG_MOE=str(tmp_path / "r.jsonl"))
     for async_scheduling in (True, False):
         config.scheduler_config.async_scheduling = async_scheduling
-        check_engine_config(config)
+        route_log_settings(config)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    check_engine_config(config)
+    route_log_settings(config)
     config.parallel_config.pipeline_parallel_size = 2
     with pytest.raises(RouteLogError, match=r"speculative decoding \(ngram\) with pipeline parallelism"):
-        check_engine_config(config)
+        route_log_settings(config)
     assert list(tmp_path.iterdir()) == []

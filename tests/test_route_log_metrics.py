@@ -16,9 +16,10 @@ from analysis.logfile import read_log
 from conftest import run_engine
 from route_checks import top2_spec
 from test_route_log_writer import LAYERS, TOP_K, cached_reqs, lines_of, new_request, step
-from vllm.model_executor.layers.fused_moe import route_log_metrics, route_logger
-from vllm.model_executor.layers.fused_moe.route_log_config import RouteLogConfig, RouteLogError
-from vllm.model_executor.layers.fused_moe.route_log_metrics import ExpertLoadCollector, LoadCounters, read_shard
+from vllm.model_executor.layers.fused_moe import route_logger
+from vllm.model_executor.layers.fused_moe.route_log import metrics as route_log_metrics
+from vllm.model_executor.layers.fused_moe.route_log.config import RouteLogConfig, RouteLogError
+from vllm.model_executor.layers.fused_moe.route_log.metrics import ExpertLoadCollector, LoadCounters, read_shard
 
 
 def parsed(text: str) -> dict:

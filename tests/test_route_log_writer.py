@@ -16,8 +16,8 @@ import torch
 
 from conftest import wait_until
 from vllm.model_executor.layers.fused_moe import route_logger
-from vllm.model_executor.layers.fused_moe.route_log_config import RouteLogConfig, RouteLogError
-from vllm.model_executor.layers.fused_moe.route_log_render import (
+from vllm.model_executor.layers.fused_moe.route_log.config import RouteLogConfig, RouteLogError
+from vllm.model_executor.layers.fused_moe.route_log.writer.render import (
     fields_text,
     render_rows,
     render_rows_plain,
@@ -25,8 +25,8 @@ from vllm.model_executor.layers.fused_moe.route_log_render import (
     request_line,
     request_prefix,
 )
-from vllm.model_executor.layers.fused_moe.route_log_requests import HeldStep, Request, Slots, sample_index
-from vllm.model_executor.layers.fused_moe.route_log_store import BlockRoutes
+from vllm.model_executor.layers.fused_moe.route_log.engine.requests import HeldStep, Request, Slots, sample_index
+from vllm.model_executor.layers.fused_moe.route_log.writer.store import BlockRoutes
 
 
 def random_rows(seed: int, top_k: int, num_experts: int, scale: float = 1.0):

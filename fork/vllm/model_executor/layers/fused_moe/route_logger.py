@@ -1,10 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """Per-token MoE routing log, switched on by ``VLLM_LOG_MOE=/path/log.jsonl`` (or a
-parquet log, route_log_columns.py), and live expert load on /metrics by
-``VLLM_LOG_MOE_METRICS`` (route_log_metrics.py), with or without a log.
+parquet log, route_log/writer/columns.py), and live expert load on /metrics by
+``VLLM_LOG_MOE_METRICS`` (route_log/metrics.py), with or without a log.
 
 Call order in each worker process (every call is a no-op while the log is off):
-  route_log_config.check_engine_config  front end, before the engine starts: settings
+  route_log/config.route_log_settings  front end, as the engine's config is made: settings
   attach(model, vllm_config)        model loaded, before torch.compile / graph capture
   begin_step(scheduler_output)      top of every execute_model: requests in and out
   end_forward(req_ids, qsl, done[, input_ids])  after the forward of every real (non-dummy) step
@@ -15,8 +15,8 @@ CUDA-graph rule: the only work inside the forward is ``RouteLogger._capture``: t
 device copies into buffers allocated in ``attach``, which graphs record and replay.
 After the forward, on the model's thread: a few numpy operations map rows to
 requests, device copies put the step's rows into a shared-memory ring
-(route_log_copies.py), and a message of 40 bytes tells the writer process
-(route_log_writer.py), which waits for the copy, renders the JSON (or parquet
+(route_log/engine/copies.py), and a message of 40 bytes tells the writer process
+(route_log/writer/), which waits for the copy, renders the JSON (or parquet
 columns) and writes it, and counts the experts' load, with its own GIL and core.
 
 Speculative decoding: a step's last k rows of a request are its draft tokens, routed
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from vllm.logger import init_logger
-from vllm.model_executor.layers.fused_moe.route_log_channel import (
+from vllm.model_executor.layers.fused_moe.route_log.channel import (
     BLOCKS,
     BLOCKS_HEAD,
     CACHED,
@@ -58,17 +58,17 @@ from vllm.model_executor.layers.fused_moe.route_log_channel import (
     WriterGone,
     step_layout,
 )
-from vllm.model_executor.layers.fused_moe.route_log_config import (
+from vllm.model_executor.layers.fused_moe.route_log.config import (
     ENV_PATH,
     RouteLogConfig,
     WriterLayout,
-    format_meta,
 )
-from vllm.model_executor.layers.fused_moe.route_log_copies import StepCopies
-from vllm.model_executor.layers.fused_moe.route_log_files import buffer_bytes, counters_path, locked_log
-from vllm.model_executor.layers.fused_moe.route_log_layers import moe_routers, select_layers
-from vllm.model_executor.layers.fused_moe.route_log_meta import block_store_settings, route_log_meta
-from vllm.model_executor.layers.fused_moe.route_log_requests import (
+from vllm.model_executor.layers.fused_moe.route_log.engine.copies import StepCopies
+from vllm.model_executor.layers.fused_moe.route_log.engine.files import buffer_bytes, counters_path, locked_log
+from vllm.model_executor.layers.fused_moe.route_log.engine.layers import moe_routers, select_layers
+from vllm.model_executor.layers.fused_moe.route_log.engine.meta import block_store_settings, route_log_meta
+from vllm.model_executor.layers.fused_moe.route_log.format import format_meta
+from vllm.model_executor.layers.fused_moe.route_log.engine.requests import (
     HeldStep,
     PendingStep,
     Slots,
@@ -353,7 +353,7 @@ def attach(model: torch.nn.Module, vllm_config, model_config=None) -> torch.nn.M
     speculative-decoding draft model (loaded with the draft's ``model_config``) is
     not logged: its routing is a guess at the target's."""
     global _ACTIVE
-    config = RouteLogConfig.from_env()
+    config = vllm_config.observability_config.moe_route_log  # route_log/config.py
     if config is None:
         return model
     spec = vllm_config.speculative_config

@@ -7,16 +7,15 @@ import json
 import os
 
 from vllm.logger import init_logger
-from vllm.model_executor.layers.fused_moe.route_log_config import (
+from vllm.model_executor.layers.fused_moe.route_log.config import (
     ENV_BUFFER,
     ENV_METRICS,
     ENV_PATH,
-    METRICS_SHM_ENV,
     RouteLogConfig,
     RouteLogError,
     WriterLayout,
-    records_path,
 )
+from vllm.model_executor.layers.fused_moe.route_log.format import records_path
 
 logger = init_logger(__name__)
 
@@ -49,8 +48,8 @@ def buffer_bytes(config: RouteLogConfig, step_max: int) -> int:
 
 
 def counters_path(config: RouteLogConfig, layout: WriterLayout) -> str | None:
-    """This writer's load counters (route_log_metrics.py), in the front end's file set."""
-    base = os.environ.get(METRICS_SHM_ENV)
+    """This writer's load counters (route_log/metrics.py), in the front end's file set."""
+    base = config.metrics_base
     if not config.metrics or not base:
         if config.metrics:
             logger.warning("%s: the front end set no counter files; /metrics will not show "

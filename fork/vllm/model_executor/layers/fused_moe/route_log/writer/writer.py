@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The route-log writer process: renders and appends what the engine's worker sends.
 
-Started by route_log_channel.RouteLogChannel with the log file (locked, meta line
+Started by channel.RouteLogChannel with the log file (locked, meta line
 written), the ring's memfd and the pipe's read end. It runs beside the engine, on
 its own core and with its own GIL, so rendering never competes with the engine's
 thread. It imports numpy only. It ends when the pipe closes: after CLOSE with the
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from .route_log_channel import (
+from ..channel import (
     BLOCKS,
     BLOCKS_HEAD,
     CACHED,
@@ -43,8 +43,8 @@ from .route_log_channel import (
     RingReader,
     step_layout,
 )
-from .route_log_render import fields_text, render_rows, request_end_line, request_line, request_prefix
-from .route_log_store import BlockRoutes
+from .render import fields_text, render_rows, request_end_line, request_line, request_prefix
+from .store import BlockRoutes
 
 CHUNK_RECORDS = 1 << 15  # rendered at a time: bounds the writer's own memory
 NO_PROMPT_IDS = 1 << 62  # prompt_len of a prompt given as embeddings: no position is "after" it
@@ -71,19 +71,19 @@ class Writer:
         self.request_fields = fields_text(args.get("request_fields", {}))  # ends each request record
         self.columns = None  # the parquet log's route parts; None: routes are JSONL lines
         if args.get("format") == "parquet":
-            from .route_log_columns import RouteColumns
+            from .columns import RouteColumns
             self.columns = RouteColumns(self.path, self.layers, self.top_k, args["num_experts"])
         self.load = None  # the load counters behind /metrics
         # With metrics asked for: None, or why /metrics shows no expert load ('end' says it).
         self.metrics_error: dict = {}
         if args.get("metrics_path"):
-            from .route_log_metrics import LoadCounters
+            from ..metrics import LoadCounters
             self.metrics_error = {"metrics_error": None}
             try:
                 self.load = LoadCounters(args["metrics_path"], self.layers, args["num_experts"], self.top_k)
             except OSError as e:
                 self.metrics_error["metrics_error"] = f"{args['metrics_path']}: {e}"
-                print(f"ERROR [route_log_writer.py] VLLM_LOG_MOE_METRICS: {args['metrics_path']}: {e}; "
+                print(f"ERROR [route_log writer] VLLM_LOG_MOE_METRICS: {args['metrics_path']}: {e}; "
                       "/metrics will not show expert load", file=sys.stderr, flush=True)
         self.pending: list[np.ndarray] = []  # CACHED spans [n, 3] awaiting the next STEP
         self.generated: dict[int, list[np.ndarray]] = {}  # slot -> token ids fed after the prompt
@@ -338,7 +338,7 @@ class Writer:
         if self.error is None:
             self.error = f"{type(e).__name__}: {e}"
             stamp = time.strftime("%m-%d %H:%M:%S")
-            print(f"ERROR {stamp} [route_log_writer.py] VLLM_LOG_MOE: writing {self.path} failed "
+            print(f"ERROR {stamp} [route_log writer] VLLM_LOG_MOE: writing {self.path} failed "
                   f"({self.error}); the route log stops here and generation goes on",
                   file=sys.stderr, flush=True)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from vllm.model_executor.layers.fused_moe.route_log_config import ENV_LAYERS, ENV_PATH, LAYERS_HELP, RouteLogError
+from vllm.model_executor.layers.fused_moe.route_log.config import ENV_LAYERS, ENV_PATH, LAYERS_HELP, RouteLogError
 
 
 def moe_routers(model: torch.nn.Module) -> dict[int, Any]:

@@ -20,34 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .route_log_config import PARQUET_ROUTES, PART_ROWS, PART_SECONDS
-
-# Ids' and weights' bytes split into streams (a float's exponent apart from its
-# mantissa), then zstd: at top_k 4 of 60 experts, ~12.7 of a record's ~15.3 bytes
-# are weights (their mantissas are noise), ~2.5 ids; the rest run-length encoded.
-PARQUET_OPTIONS = {
-    "compression": "zstd", "compression_level": 9,
-    "use_dictionary": ["req_id", "sample", "token_idx", "layer"],
-    "use_byte_stream_split": ["topk_ids.list.element", "topk_weights.list.element"],
-}
-
-
-def id_type(num_experts: int) -> pa.DataType:
-    """The narrowest integer type that holds every expert id."""
-    return pa.uint8() if num_experts <= 1 << 8 else pa.int16() if num_experts <= 1 << 15 else pa.int32()
-
-
-def route_schema(num_experts: int) -> pa.Schema:
-    return pa.schema([
-        ("req_id", pa.dictionary(pa.int32(), pa.string())),
-        ("sample", pa.int32()),  # null unless the request asked for n > 1 samples
-        ("token_idx", pa.int32()),
-        ("layer", pa.int16()),
-        ("topk_ids", pa.list_(id_type(num_experts))),
-        ("topk_weights", pa.list_(pa.float32())),
-        ("cached", pa.bool_()),
-    ])
-
+from ..format import PARQUET_OPTIONS, PARQUET_ROUTES, PART_ROWS, PART_SECONDS, part_name, route_schema
 
 class RouteColumns:
     """Route rows gathered for the open part; ``roll`` writes it."""
@@ -100,7 +73,7 @@ class RouteColumns:
         """Writes the open part, if it has rows; returns its 'part' record."""
         if not self.rows:
             return None
-        name = f"part-{self.parts:06d}.parquet"
+        name = part_name(self.parts)
         hidden = os.path.join(self.routes, f".{name}.tmp")
         table = pa.Table.from_batches(self.batches, self.schema)
         # By layer: each layer's ids (and their popularity) compress on their own.

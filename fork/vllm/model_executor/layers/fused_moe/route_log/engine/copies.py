@@ -3,7 +3,7 @@
 asynchronous copies into the shared ring, then a message. Engine side, on the model's
 thread, after the forward (the writer process never imports this: it needs torch).
 
-Region layout: route_log_channel.step_layout. The copies are queued on the forward's
+Region layout: channel.step_layout. The copies are queued on the forward's
 stream, after this forward and before the next one overwrites the buffers; the trailer
 lands after the rows and tells the writer they are there. With speculative decoding
 the spans follow later (``post``), once sampling has said which draft rows count.
@@ -12,7 +12,7 @@ the spans follow later (``post``), once sampling has said which draft rows count
 import numpy as np
 import torch
 
-from vllm.model_executor.layers.fused_moe.route_log_channel import (
+from vllm.model_executor.layers.fused_moe.route_log.channel import (
     HEADER,
     SPAN,
     STEP,

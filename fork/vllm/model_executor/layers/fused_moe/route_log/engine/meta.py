@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 1
+from vllm.model_executor.layers.fused_moe.route_log.format import SCHEMA_VERSION, WEIGHT_DECIMALS
+
 COVERAGE = (
     "One route record per (request, position, logged layer), for every position fed "
     "to the model. Positions served from the prefix cache skip the forward: their "
@@ -26,7 +27,7 @@ COVERAGE = (
 
 
 def block_store_settings(vllm_config) -> dict | None:
-    """The writer's store of routing by KV block (route_log_store.py): its block size,
+    """The writer's store of routing by KV block (writer/store.py): its block size,
     or why positions the cache serves cannot be replayed. None without prefix caching."""
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
         return {"gap_reason": "a KV connector (kv_transfer_config) may load cached blocks "
@@ -69,7 +70,7 @@ def route_log_meta(vllm_config, routers: dict[int, Any], layers: list[int], para
         "async_scheduling": bool(vllm_config.scheduler_config.async_scheduling),
         "parallel": parallel,
         "max_num_batched_tokens": vllm_config.scheduler_config.max_num_batched_tokens,
-        "weight_decimals": 9,
+        "weight_decimals": WEIGHT_DECIMALS,
         "block_store": _describe(block_store, router.top_k if router else 0),
         "coverage": COVERAGE,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

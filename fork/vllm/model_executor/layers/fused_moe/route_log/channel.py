@@ -39,7 +39,7 @@ ALIGN = 64
 # Messages: <type u32, payload bytes u32> + payload.
 FRAME = struct.Struct("<II")
 REQUEST, REQUEST_END, STEP, NOT_LOGGED_ID, CLOSE, BLOCKS, CACHED = range(1, 8)
-# The writer renders the request records (route_log_render) from these: slot, req_id
+# The writer renders the request records (writer/render.py) from these: slot, req_id
 # length, engine id length, prompt tokens sent, sample (-1: none), prompt_len,
 # prompt_tokens_cached; then req_id and the engine's id (TEXT), int32 prompt tokens.
 REQUEST_HEAD = struct.Struct("<IIIIqqq")
@@ -57,7 +57,7 @@ WRITER_MAIN = (  # the writer's modules as a package of their own, without vllm'
     "import sys, types; sys.path[:] = [p for p in sys.path if p]; "
     "pkg = types.ModuleType('moe_route_log'); pkg.__path__ = [sys.argv[1]]; "
     "sys.modules['moe_route_log'] = pkg; "
-    "from moe_route_log.route_log_writer import main; main(sys.argv[2])"
+    "from moe_route_log.writer.writer import main; main(sys.argv[2])"
 )
 
 

@@ -1,11 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Settings of the MoE route log (route_logger.py), read from the environment in
-one place and checked with a message that names the variable and what it accepts."""
+"""Settings of the MoE route log (route_logger.py): the VLLM_LOG_MOE* variables,
+declared in vllm/envs.py and read through ``vllm.envs`` by the front end, checked with
+a message that names the variable and what it accepts, and carried to the engine's
+processes in ``ObservabilityConfig.moe_route_log``."""
 
 import importlib.util
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from .format import FORMATS, shard_path
 
 ENV_PATH = "VLLM_LOG_MOE"
 ENV_LAYERS = "VLLM_LOG_MOE_LAYERS"
@@ -13,13 +17,7 @@ ENV_BUFFER = "VLLM_LOG_MOE_BUFFER_MB"
 ENV_FORMAT = "VLLM_LOG_MOE_FORMAT"
 ENV_METRICS = "VLLM_LOG_MOE_METRICS"
 KNOWN_ENV = (ENV_PATH, ENV_LAYERS, ENV_BUFFER, ENV_FORMAT, ENV_METRICS)
-# Set by the front end for the engine's processes: where the writers' load counters go.
-METRICS_SHM_ENV = "MOE_ROUTE_LOG_METRICS_SHM"
 METRICS_HELP = "0 (off), 1 or expert (a series per layer and expert), layer (per-layer series only)"
-FORMATS = ("jsonl", "parquet")
-PARQUET_RECORDS, PARQUET_ROUTES = "records.jsonl", "routes"  # in a parquet log's directory
-PART_ROWS = 1 << 20  # a parquet part closes at this many rows, held in memory till then
-PART_SECONDS = 10.0  # or this long after its first row
 LAYERS_HELP = (
     "a decoder-layer index (0), a comma list (0,12,23), an inclusive range "
     "(0-23), a mix of these (0,4-7), or 'all'"
@@ -35,12 +33,18 @@ class RouteLogConfig:
     path: str
     layers: tuple[int, ...] | None  # None: every MoE layer
     buffer_mb: int | None  # shared memory between engine and writer; None: 16 full steps
-    format: str = "jsonl"  # "parquet": a directory of route parts (route_log_columns.py)
-    metrics: str | None = None  # live expert load on /metrics: "expert", "layer" (route_log_metrics.py)
+    format: str = "jsonl"  # "parquet": a directory of route parts (writer/columns.py)
+    metrics: str | None = None  # live expert load on /metrics: "expert", "layer" (metrics.py)
+    # The writers' load counter files: their common prefix, made by the front end.
+    metrics_base: str | None = None
 
     @classmethod
-    def from_env(cls, environ=os.environ) -> "RouteLogConfig | None":
-        unknown = sorted(k for k in environ if k.startswith(ENV_PATH) and k not in KNOWN_ENV)
+    def from_env(cls, environ: dict | None = None) -> "RouteLogConfig | None":
+        """From ``environ`` (the variables that are set), or else from vllm.envs."""
+        # vLLM only warns of an unknown VLLM_* name: a mistyped one of ours is an error.
+        unknown = sorted(k for k in (os.environ if environ is None else environ)
+                         if k.startswith(ENV_PATH) and k not in KNOWN_ENV)
+        environ = _from_envs() if environ is None else environ
         if unknown:
             raise RouteLogError(
                 f"unknown variable(s) {', '.join(unknown)}; the route log reads "
@@ -69,23 +73,10 @@ class RouteLogConfig:
         )
 
 
-def records_path(path: str, format: str) -> str:
-    """The file the JSONL records go to: the log itself, or a parquet log's records.jsonl
-    (its directory made here, the route parts' beside it)."""
-    if format == "jsonl":
-        return path
-    os.makedirs(os.path.join(path, PARQUET_ROUTES), exist_ok=True)
-    return os.path.join(path, PARQUET_RECORDS)
+def _from_envs() -> dict:
+    import vllm.envs as envs
 
-
-def format_meta(format: str) -> dict:
-    """What the meta header says of the format (route_log_columns.py for parquet)."""
-    if format == "jsonl":
-        return {"format": "jsonl"}
-    return {"format": "parquet", "routes": f"{PARQUET_ROUTES}/part-NNNNNN.parquet",
-            "part_rows": PART_ROWS, "part_seconds": PART_SECONDS,
-            "crash_loss": "a crash loses the open part: at most part_rows route records or "
-                          "part_seconds of routing; parts close whenever no request is open"}
+    return {name: getattr(envs, name) for name in KNOWN_ENV if envs.is_set(name)}
 
 
 def parse_layers(spec: str) -> tuple[int, ...] | None:
@@ -153,11 +144,13 @@ def _check_path(path: str, format: str = "jsonl") -> str:
     return full
 
 
-def check_engine_config(vllm_config) -> None:
-    """Front-end check, so that bad settings fail before any process starts."""
+def route_log_settings(vllm_config) -> RouteLogConfig | None:
+    """Front end, as the engine's config is made: the settings, checked against the
+    model and the parallel layout so that bad ones fail before any process starts.
+    None (the route log off) unless a VLLM_LOG_MOE* variable is set."""
     config = RouteLogConfig.from_env()
     if config is None:
-        return
+        return None
     model = vllm_config.model_config
     if model.get_num_experts() <= 0:
         raise RouteLogError(f"{ENV_PATH if config.path else ENV_METRICS} is set but {model.model} has no MoE layers")
@@ -183,10 +176,11 @@ def check_engine_config(vllm_config) -> None:
                 f"{ENV_PATH} does not support {feature} yet; unset {ENV_PATH} or turn it off"
             )
     if config.metrics:
-        _serve_metrics(config, vllm_config)
+        config = _serve_metrics(config, vllm_config)
+    return config
 
 
-def _serve_metrics(config: RouteLogConfig, vllm_config) -> None:
+def _serve_metrics(config: RouteLogConfig, vllm_config) -> RouteLogConfig:
     """Front end: the writers' counter files (one per shard, removed at exit) and the
     collector that reads them for /metrics."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -198,20 +192,17 @@ def _serve_metrics(config: RouteLogConfig, vllm_config) -> None:
     import atexit
     import tempfile
 
-    from .route_log_metrics import serve_metrics
+    from .metrics import serve_metrics
 
-    if METRICS_SHM_ENV not in os.environ:
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, base = tempfile.mkstemp(prefix="vllm-moe-load-", dir=shm)
-        os.close(fd)
-        os.environ[METRICS_SHM_ENV] = base
-        paths = [base] + WriterLayout.of(vllm_config.parallel_config, 0).shard_paths(base)
-        atexit.register(lambda: [os.remove(p) for p in paths if os.path.exists(p)])
-    base = os.environ[METRICS_SHM_ENV]
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    fd, base = tempfile.mkstemp(prefix="vllm-moe-load-", dir=shm)
+    os.close(fd)
+    paths = [base] + WriterLayout.of(vllm_config.parallel_config, 0).shard_paths(base)
+    atexit.register(lambda: [os.remove(p) for p in paths if os.path.exists(p)])
     model = vllm_config.model_config
     name = model.served_model_name[0] if isinstance(model.served_model_name, list) else model.served_model_name
-    serve_metrics(WriterLayout.of(vllm_config.parallel_config, 0).shard_paths(base), name or model.model,
-                  config.metrics)
+    serve_metrics(paths[1:], name or model.model, config.metrics)
+    return replace(config, metrics_base=base)
 
 
 def _check_speculative(vllm_config) -> None:
@@ -252,10 +243,7 @@ class WriterLayout:
         )
 
     def shard_path(self, path: str, dp_rank: int, pp_rank: int) -> str:
-        root, ext = os.path.splitext(path)
-        dp = f".dp{dp_rank}" if self.data_parallel_size > 1 else ""
-        pp = f".pp{pp_rank}" if self.pipeline_parallel_size > 1 else ""
-        return f"{root}{dp}{pp}{ext}"
+        return shard_path(path, dp_rank, pp_rank, self.data_parallel_size, self.pipeline_parallel_size)
 
     def shard_paths(self, path: str) -> list[str]:
         """Every writer's file, data-parallel rank major."""

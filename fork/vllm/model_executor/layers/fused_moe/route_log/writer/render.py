@@ -7,7 +7,9 @@ import json
 
 import numpy as np
 
-WEIGHT_SCALE = 10**9  # weights are written with 9 decimals: |error| <= 5e-10
+from ..format import WEIGHT_DECIMALS
+
+WEIGHT_SCALE = 10**WEIGHT_DECIMALS
 
 
 def fields_text(fields: dict) -> bytes:

@@ -1,0 +1,1 @@
+../fork/vllm/model_executor/layers/fused_moe/route_log/format.py
