@@ -2,10 +2,12 @@
 message naming the variable and what it accepts."""
 
 import os
+import pickle
 
 import pytest
 
 from vllm.model_executor.layers.fused_moe.route_log.config import (
+    KNOWN_ENV,
     LAYERS_HELP,
     RouteLogConfig,
     RouteLogError,
@@ -109,9 +111,25 @@ def test_metrics_refuse_a_multiprocess_registry(models, tmp_path, monkeypatch):
 
 
 def test_front_end_accepts_good_settings_and_is_silent_when_off(models, tmp_path, monkeypatch):
-    engine_config(models["top2"], monkeypatch)
-    engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"), VLLM_LOG_MOE_LAYERS="all")
+    """The settings reach the engine's processes in the config they are given, read
+    through vllm.envs; off, the field stays upstream's default."""
+    assert engine_config(models["top2"], monkeypatch).observability_config.moe_route_log is None
+    config = engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"),
+                           VLLM_LOG_MOE_LAYERS="all", VLLM_LOG_MOE_FORMAT="jsonl")
+    settings = pickle.loads(pickle.dumps(config)).observability_config.moe_route_log
+    assert RouteLogConfig(**settings) == RouteLogConfig(str(tmp_path / "r.jsonl"), None, None, "jsonl")
     assert list(tmp_path.iterdir()) == []  # the file is created by the worker, not here
+
+
+def test_every_variable_is_declared_in_vllm_envs():
+    """vLLM warns of undeclared VLLM_* variables and caches declared ones after start-up."""
+    import vllm.envs as envs
+
+    assert set(KNOWN_ENV) <= set(envs.environment_variables)
+    from vllm.config import ObservabilityConfig
+    from vllm.engine.arg_utils import get_kwargs
+
+    assert "moe_route_log" in get_kwargs(ObservabilityConfig)  # `vllm serve` builds its parser from it
 
 
 def test_front_end_checks_speculative_decoding(models, tmp_path, monkeypatch):

@@ -353,9 +353,10 @@ def attach(model: torch.nn.Module, vllm_config, model_config=None) -> torch.nn.M
     speculative-decoding draft model (loaded with the draft's ``model_config``) is
     not logged: its routing is a guess at the target's."""
     global _ACTIVE
-    config = vllm_config.observability_config.moe_route_log  # route_log/config.py
-    if config is None:
+    settings = vllm_config.observability_config.moe_route_log  # route_log/config.py
+    if settings is None:
         return model
+    config = RouteLogConfig(**settings)
     spec = vllm_config.speculative_config
     if spec is not None and model_config is not None and model_config is spec.draft_model_config \
             and model_config is not spec.target_model_config:  # n-gram: the target's own

@@ -7,7 +7,7 @@ processes in ``ObservabilityConfig.moe_route_log``."""
 import importlib.util
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from .format import FORMATS, shard_path
 
@@ -144,10 +144,11 @@ def _check_path(path: str, format: str = "jsonl") -> str:
     return full
 
 
-def route_log_settings(vllm_config) -> RouteLogConfig | None:
+def route_log_settings(vllm_config) -> dict | None:
     """Front end, as the engine's config is made: the settings, checked against the
     model and the parallel layout so that bad ones fail before any process starts.
-    None (the route log off) unless a VLLM_LOG_MOE* variable is set."""
+    None (the route log off) unless a VLLM_LOG_MOE* variable is set; else the
+    fields of a RouteLogConfig."""
     config = RouteLogConfig.from_env()
     if config is None:
         return None
@@ -177,7 +178,7 @@ def route_log_settings(vllm_config) -> RouteLogConfig | None:
             )
     if config.metrics:
         config = _serve_metrics(config, vllm_config)
-    return config
+    return asdict(config)
 
 
 def _serve_metrics(config: RouteLogConfig, vllm_config) -> RouteLogConfig:
