@@ -19,9 +19,9 @@ def short_name(model_id: str) -> str:
 
 def model_title(meta: dict) -> str:
     """The model as plots name it: the served name when one was given, else the model id
-    (a local path by its last two parts); says so when the weights were random (dummy)."""
+    (a local path by its last two parts); says so when the weights were random (load_format dummy)."""
     name = short_name(meta.get("served_model_name") or meta.get("model_id", "unnamed model"))
-    return f"{name} (random (dummy) weights)" if meta.get("load_format") == "dummy" else name
+    return f"{name} [dummy weights]" if meta.get("load_format") == "dummy" else name
 
 
 def expert_shares(loads: pd.DataFrame, layer: int, phases=None, weighted: bool = False) -> pd.Series:

@@ -224,7 +224,7 @@ def test_report_writes_every_figure_and_embeds_them(tmp_path, capsys):
     assert set(files) == {"expert_hist", "expert_layers", "coactivation", "confidence", "load_over_time",
                           "stats", "note", "report"}
     text = files["report"].read_text()
-    assert text.startswith("# Routing report: org/tiny-moe (random (dummy) weights)") and "layer 5" in text
+    assert text.startswith("# Routing report: org/tiny-moe [dummy weights]") and "layer 5" in text
     for name in ("expert_hist", "expert_layers", "coactivation", "confidence", "load_over_time"):
         assert files[name].read_bytes()[:4] == b"\x89PNG" and f"]({files[name].name})" in text
     stats_json = json.loads(files["stats"].read_text())
@@ -264,7 +264,7 @@ def test_token_specialisation_joins_token_ids_given_once_per_request(tmp_path):
 
 def test_titles_name_the_model_as_served_and_say_when_weights_were_random():
     assert model_title({"model_id": "/tmp/kit/models/qwen", "served_model_name": "Qwen/Qwen1.5-MoE-A2.7B-Chat",
-                        "load_format": "dummy"}) == "Qwen/Qwen1.5-MoE-A2.7B-Chat (random (dummy) weights)"
+                        "load_format": "dummy"}) == "Qwen/Qwen1.5-MoE-A2.7B-Chat [dummy weights]"
     assert model_title({"model_id": "/tmp/kit/models/qwen", "served_model_name": "/tmp/kit/models/qwen",
                         "load_format": "auto"}) == "models/qwen"
     assert model_title({"layers_logged": [0], "top_k": 2}) == "unnamed model"
