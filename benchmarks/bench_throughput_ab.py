@@ -72,13 +72,14 @@ def child(args) -> dict:
 
 def metrics_seen() -> dict:
     """With live metrics on: the tokens /metrics would show per layer now (the logged
-    steps' only), as proof that the counters ran."""
+    steps' only, published up to a second ago), as proof that the counters ran."""
     from vllm.model_executor.layers.fused_moe.route_log import metrics as route_log_metrics
 
     if route_log_metrics._COLLECTOR is None:
         return {}
-    layers = route_log_metrics._COLLECTOR._layers()
-    return {"metrics_tokens": {str(layer): int(total.sum()) // max(k, 1) for layer, (total, _, k) in layers.items()}}
+    return {"metrics_tokens": {s.labels["layer"]: int(s.value) for family in route_log_metrics._COLLECTOR.collect()
+                               if family.name == route_log_metrics.ROUTED_TOKENS for s in family.samples
+                               if s.name.endswith("_total")}}
 
 
 def run(args) -> None:

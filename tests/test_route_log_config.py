@@ -1,8 +1,12 @@
 """VLLM_LOG_MOE* settings: every bad value fails before anything is written, with a
 message naming the variable and what it accepts."""
 
+import fcntl
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +57,10 @@ def test_relative_path_is_made_absolute(tmp_path, monkeypatch):
         ({"VLLM_LOG_MOE": "   "}, "VLLM_LOG_MOE is empty"),
         ({"VLLM_LOG_MOE": "{tmp}"}, "is a directory"),
         ({"VLLM_LOG_MOE": "{tmp}/missing/r.jsonl"}, "missing does not exist"),
+        ({"VLLM_LOG_MOE": "{tmp}/r.jsonl/x/r.jsonl"}, "/r.jsonl is a file, not a directory"),
+        ({"VLLM_LOG_MOE": "/proc/routes.jsonl"}, "cannot write there"),
+        ({"VLLM_LOG_MOE": "/sys/routes.jsonl"}, "cannot write there"),
+        ({"VLLM_LOG_MOE": "/proc/routes.parquet"}, "cannot write there"),
         ({"VLLM_LOG_MOE_LAYERS": "0"}, "VLLM_LOG_MOE_LAYERS set but VLLM_LOG_MOE is not"),
         ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_LAYER": "0"}, "unknown variable(s) VLLM_LOG_MOE_LAYER"),
         ({"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_BUFFER_MB": "0"}, "VLLM_LOG_MOE_BUFFER_MB='0'"),
@@ -66,8 +74,9 @@ def test_relative_path_is_made_absolute(tmp_path, monkeypatch):
 )
 def test_bad_settings(tmp_path, env, message):
     env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
-    if message is None:  # a file where a parquet log's directory goes
+    if message is None or "is a file, not" in message:  # a file where a directory goes
         (tmp_path / "r.jsonl").write_text("")
+    if message is None:
         message = "VLLM_LOG_MOE='%s/r.jsonl' is a file; expected a directory" % tmp_path
     with pytest.raises(RouteLogError) as e:
         RouteLogConfig.from_env(env)
@@ -78,8 +87,35 @@ def test_bad_settings(tmp_path, env, message):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_unwritable_directory(tmp_path):
     tmp_path.chmod(0o555)
-    with pytest.raises(RouteLogError, match="is not writable"):
+    with pytest.raises(RouteLogError, match=r"cannot write there \(Permission denied\)"):
         RouteLogConfig.from_env({"VLLM_LOG_MOE": str(tmp_path / "r.jsonl")})
+
+
+@pytest.mark.parametrize("name, format", [("r.jsonl", "jsonl"), ("r.parquet", "parquet")])
+def test_a_log_another_engine_writes_is_refused_at_start_up(tmp_path, name, format):
+    """The front end tries the engine's lock, and leaves the log as it was."""
+    held = tmp_path / name if format == "jsonl" else tmp_path / name / "records.jsonl"
+    held.parent.mkdir(exist_ok=True)
+    held.write_text("another engine's line\n")
+    with open(held, "ab") as log:
+        fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RouteLogError, match="is being written by another engine"):
+            RouteLogConfig.from_env({"VLLM_LOG_MOE": str(tmp_path / name)})
+    assert RouteLogConfig.from_env({"VLLM_LOG_MOE": str(tmp_path / name)}).format == format
+    assert held.read_text() == "another engine's line\n"
+
+
+def test_a_bad_setting_ends_vllm_serve_with_one_line(models, tmp_path):
+    """No traceback, status 1, before any engine process starts or the model loads."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
+    env["VLLM_LOG_MOE"] = "/proc/routes.jsonl"
+    run = subprocess.run([str(Path(sys.executable).parent / "vllm"), "serve", str(models["top2"]),
+                          "--port", "1", "--dtype", "float32"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "VLLM_LOG_MOE='/proc/routes.jsonl': cannot write there (No such file or directory); "
+        "expected a path to a .jsonl file in an existing, writable directory")
+    assert "Traceback" not in run.stderr + run.stdout and "EngineCore" not in run.stderr + run.stdout
 
 
 def engine_config(model, monkeypatch, engine=None, **env):
@@ -102,12 +138,20 @@ def test_front_end_rejects_layers_out_of_range(models, tmp_path, monkeypatch):
                       VLLM_LOG_MOE_LAYERS="0,4,9")
 
 
-def test_metrics_refuse_a_multiprocess_registry(models, tmp_path, monkeypatch):
-    """Several API servers serve /metrics from prometheus' multiprocess files, which the
-    route log's collector is not in."""
+def test_metrics_go_where_vllm_reads_prometheus_files(models, tmp_path, monkeypatch):
+    """Several API servers: vLLM's PROMETHEUS_MULTIPROC_DIR, which each of them reads.
+    One: a directory of the front end's own, read by a collector on its registry."""
+    from prometheus_client import REGISTRY
+
+    from vllm.model_executor.layers.fused_moe.route_log import metrics
+
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    with pytest.raises(RouteLogError, match="VLLM_LOG_MOE_METRICS needs vLLM's single-process /metrics"):
-        engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE_METRICS="1")
+    config = engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE_METRICS="1")
+    assert config.observability_config.moe_route_log["metrics_dir"] == str(tmp_path)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    own = engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE_METRICS="1").observability_config.moe_route_log
+    assert os.path.isdir(own["metrics_dir"]) and own["metrics_dir"] != str(tmp_path)
+    assert metrics._COLLECTOR in REGISTRY._collector_to_names and metrics._COLLECTOR._path == own["metrics_dir"]
 
 
 def test_front_end_accepts_good_settings_and_is_silent_when_off(models, tmp_path, monkeypatch):

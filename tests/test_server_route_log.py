@@ -108,8 +108,10 @@ async def traffic(port: int, model: str, pid: int) -> dict:
     return {"concurrent": first, "chats": chats, "many": many, "rss": rss}
 
 
-def serve(tmp: Path, model: Path, log: Path) -> dict:
-    """Starts `vllm serve`, sends the traffic, stops it with SIGTERM."""
+def serve(tmp: Path, model: Path, log: Path, send=None, requests: int = CONCURRENT + CHATS + MANY,
+          api_servers: int = 1) -> dict:
+    """Starts `vllm serve`, sends the traffic, scrapes /metrics (as often as there are
+    API servers, times three: each connection may reach any of them), stops it with SIGTERM."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ROUTE_ENV}
     env.update(VLLM_LOG_MOE=str(log), VLLM_LOG_MOE_LAYERS="all", VLLM_LOG_MOE_METRICS="1")
@@ -118,17 +120,19 @@ def serve(tmp: Path, model: Path, log: Path) -> dict:
            "--max-num-batched-tokens", "256", "--gpu-memory-utilization", "0.3", "--seed", "1234",
            # A KV cache of 64 MiB, all of it touched within the first requests: a
            # 5 GiB one grows the worker's RSS page by page as the block pool cycles.
-           "--num-gpu-blocks-override", "128"]
+           "--num-gpu-blocks-override", "128", "--api-server-count", str(api_servers)]
     tmp.mkdir()
     with open(tmp / "server.txt", "w") as sink:
         proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             wait_until(lambda: healthy(proc, port), 600, "the server's /health")
-            result = asyncio.run(traffic(port, str(model), proc.pid))
+            result = asyncio.run((send or traffic)(port, str(model), proc.pid))
             # The writer at rest (its provisional 'end' counts every request): /metrics is final.
-            wait_until(lambda: at_rest(log, CONCURRENT + CHATS + MANY), 300, "the writer to finish the traffic")
-            result["metrics"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+            wait_until(lambda: at_rest(log, requests), 300, "the writer to finish the traffic")
+            result["scrapes"] = [urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+                                 for _ in range(3 * api_servers)]
+            result["metrics"] = result["scrapes"][0]
             tree = process_tree(proc.pid)
             proc.send_signal(signal.SIGTERM)  # as a user, systemd or Kubernetes stops it
             result["returncode"] = proc.wait(timeout=120)
@@ -242,3 +246,30 @@ def test_memory_levels_off_over_4000_requests(served):
            {"rss_mib_after_requests": {n: {k.split()[0]: round(v) for k, v in m.items()} for n, m in rss.items()},
             "growth_mib_second_half": growth})
     assert max(growth.values()) < 128, (growth, served["rss"])
+
+
+async def few(port: int, model: str, pid: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+    done = await asyncio.gather(*(complete(client, model, p, 6) for p in prompts(5, [12 + 5 * i for i in range(FEW)])))
+    await client.close()
+    return {"concurrent": done}
+
+
+FEW = 16
+
+
+def test_metrics_with_two_api_servers_equal_the_log(model, tmp_path):
+    """--api-server-count 2: vLLM serves /metrics from prometheus_client's multiprocess
+    files; the writer publishes there, so either API server shows the log's counts."""
+    from test_route_log_metrics import expert_counts, log_counts, parsed
+
+    result = serve(tmp_path / "run", model, tmp_path / "routes.jsonl", few, FEW, api_servers=2)
+    assert result["returncode"] == 0, result["output"][-3000:]
+    assert len(result["concurrent"]) == FEW
+    expected = log_counts(tmp_path / "routes.jsonl")
+    assert expected and {layer for layer, _ in expected} == set(range(DEMO.num_layers))
+    for scrape in result["scrapes"]:
+        assert expert_counts(parsed(scrape)) == expected
+        assert "vllm:num_requests_running" in scrape  # vLLM's own metrics beside ours

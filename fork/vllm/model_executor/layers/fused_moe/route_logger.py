@@ -64,7 +64,7 @@ from vllm.model_executor.layers.fused_moe.route_log.config import (
     WriterLayout,
 )
 from vllm.model_executor.layers.fused_moe.route_log.engine.copies import StepCopies
-from vllm.model_executor.layers.fused_moe.route_log.engine.files import buffer_bytes, counters_path, locked_log
+from vllm.model_executor.layers.fused_moe.route_log.engine.files import buffer_bytes, locked_log
 from vllm.model_executor.layers.fused_moe.route_log.engine.layers import moe_routers, select_layers
 from vllm.model_executor.layers.fused_moe.route_log.engine.meta import block_store_settings, route_log_meta
 from vllm.model_executor.layers.fused_moe.route_log.format import format_meta
@@ -85,7 +85,7 @@ class RouteLogger:
     def __init__(self, config: RouteLogConfig, meta: dict, layers: list[int], top_k: int,
                  max_rows: int, device: torch.device, path: str, request_fields: dict,
                  block_store: dict | None = None, speculative: bool = False,
-                 max_model_len: int = 1 << 62, metrics_path: str | None = None):
+                 max_model_len: int = 1 << 62):
         self.layers = layers  # may be empty on a pipeline stage without logged layers
         self.max_model_len = max_model_len
         self.top_k = top_k
@@ -107,7 +107,9 @@ class RouteLogger:
         try:
             self.channel = RouteLogChannel(capacity, log.fileno() if log else None, {
                 "path": path, "layers": layers, "top_k": top_k, "format": config.format,
-                "num_experts": meta.get("num_experts", 1 << 15), "metrics_path": metrics_path,
+                "num_experts": meta.get("num_experts", 1 << 15),
+                "metrics": config.metrics and {"directory": config.metrics_dir, "granularity": config.metrics,
+                                               "model_name": meta.get("served_model_name", "")},
                 "request_fields": request_fields,  # extra fields of request records
                 **(self.block_store or {})})
         finally:
@@ -387,7 +389,7 @@ def attach(model: torch.nn.Module, vllm_config, model_config=None) -> torch.nn.M
         config, meta, layers, top_k, vllm_config.scheduler_config.max_num_batched_tokens,
         torch.device(current_platform.device_type),
         config.path and layout.shard_path(config.path, layout.dp_rank, layout.pp_rank), request_fields,
-        block_store, speculative, vllm_config.model_config.max_model_len, counters_path(config, layout),
+        block_store, speculative, vllm_config.model_config.max_model_len,
     )
     for slot, layer in enumerate(layers):
         routers[layer].route_log_fn = partial(_ACTIVE._capture, slot)

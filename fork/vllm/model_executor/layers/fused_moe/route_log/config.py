@@ -4,12 +4,14 @@ declared in vllm/envs.py and read through ``vllm.envs`` by the front end, checke
 a message that names the variable and what it accepts, and carried to the engine's
 processes in ``ObservabilityConfig.moe_route_log``."""
 
+import fcntl
 import importlib.util
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass, replace
 
-from .format import FORMATS, shard_path
+from .format import FORMATS, records_path, shard_path
 
 ENV_PATH = "VLLM_LOG_MOE"
 ENV_LAYERS = "VLLM_LOG_MOE_LAYERS"
@@ -24,8 +26,10 @@ LAYERS_HELP = (
 )
 
 
-class RouteLogError(ValueError):
-    """A bad VLLM_LOG_MOE* setting, raised before anything is written."""
+class RouteLogError(SystemExit, ValueError):
+    """A bad VLLM_LOG_MOE* setting, raised before anything is written. A SystemExit:
+    left uncaught (vllm serve, a script) it ends the program with its one-line message
+    and status 1, no traceback; a ValueError to callers that catch those."""
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,8 @@ class RouteLogConfig:
     buffer_mb: int | None  # shared memory between engine and writer; None: 16 full steps
     format: str = "jsonl"  # "parquet": a directory of route parts (writer/columns.py)
     metrics: str | None = None  # live expert load on /metrics: "expert", "layer" (metrics.py)
-    # The writers' load counter files: their common prefix, made by the front end.
-    metrics_base: str | None = None
+    # Where the writers publish the load (metrics.py), chosen by the front end.
+    metrics_dir: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "RouteLogConfig | None":
@@ -125,6 +129,10 @@ def _parse_format(text: str | None, path: str) -> str:
 
 
 def _check_path(path: str, format: str = "jsonl") -> str:
+    """The log's absolute path, once the file system has said that it can be written:
+    an existing file or directory is opened, a new one's directory gets a probe file
+    (permission bits alone accept /sys or /proc for root). Nothing is left behind, and
+    a log another engine holds is refused now rather than by its worker."""
     expected = ("expected a path to a .jsonl file in an existing, writable directory"
                 if format == "jsonl" else "expected a directory for the parquet log (created if "
                 "missing) in an existing, writable directory")
@@ -136,12 +144,32 @@ def _check_path(path: str, format: str = "jsonl") -> str:
         raise RouteLogError(f"{ENV_PATH}={path!r} is a directory; {expected}")
     if format == "parquet" and os.path.exists(full) and not os.path.isdir(full):
         raise RouteLogError(f"{ENV_PATH}={path!r} is a file; {expected}")
-    if not os.path.isdir(parent):
+    above = next(p for p in _ancestors(parent) if os.path.exists(p))
+    if not os.path.isdir(above):
+        raise RouteLogError(f"{ENV_PATH}={path!r}: {above} is a file, not a directory; {expected}")
+    if above != parent:
         raise RouteLogError(f"{ENV_PATH}={path!r}: directory {parent} does not exist; {expected}")
-    target = full if os.path.exists(full) else parent
-    if not os.access(target, os.W_OK):
-        raise RouteLogError(f"{ENV_PATH}={path!r}: {target} is not writable; {expected}")
+    records = records_path(full, format)
+    try:
+        if os.path.exists(records):
+            with open(records, "ab") as log:
+                fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(log, fcntl.LOCK_UN)
+        else:
+            tempfile.TemporaryFile(dir=full if os.path.isdir(full) else parent).close()
+    except BlockingIOError:
+        raise RouteLogError(f"{ENV_PATH}={path!r} is being written by another engine") from None
+    except OSError as e:
+        raise RouteLogError(f"{ENV_PATH}={path!r}: cannot write there ({e.strerror}); {expected}") from None
     return full
+
+
+def _ancestors(path: str):
+    while True:
+        yield path
+        if os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
 
 
 def route_log_settings(vllm_config) -> dict | None:
@@ -177,33 +205,10 @@ def route_log_settings(vllm_config) -> dict | None:
                 f"{ENV_PATH} does not support {feature} yet; unset {ENV_PATH} or turn it off"
             )
     if config.metrics:
-        config = _serve_metrics(config, vllm_config)
+        from .metrics import metrics_directory
+
+        config = replace(config, metrics_dir=metrics_directory())
     return asdict(config)
-
-
-def _serve_metrics(config: RouteLogConfig, vllm_config) -> RouteLogConfig:
-    """Front end: the writers' counter files (one per shard, removed at exit) and the
-    collector that reads them for /metrics."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        raise RouteLogError(
-            f"{ENV_METRICS} needs vLLM's single-process /metrics (one API server); "
-            f"PROMETHEUS_MULTIPROC_DIR is set (--api-server-count > 1?): run one API server "
-            f"or unset {ENV_METRICS}"
-        )
-    import atexit
-    import tempfile
-
-    from .metrics import serve_metrics
-
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    fd, base = tempfile.mkstemp(prefix="vllm-moe-load-", dir=shm)
-    os.close(fd)
-    paths = [base] + WriterLayout.of(vllm_config.parallel_config, 0).shard_paths(base)
-    atexit.register(lambda: [os.remove(p) for p in paths if os.path.exists(p)])
-    model = vllm_config.model_config
-    name = model.served_model_name[0] if isinstance(model.served_model_name, list) else model.served_model_name
-    serve_metrics(paths[1:], name or model.model, config.metrics)
-    return replace(config, metrics_base=base)
 
 
 def _check_speculative(vllm_config) -> None:

@@ -86,9 +86,6 @@ def shard_path(path: str, dp_rank: int, pp_rank: int, dp_size: int, pp_size: int
 
 
 def records_path(path: str, format: str) -> str:
-    """The file the JSONL records go to: the log itself, or a parquet log's records
-    file (its directory made here, the route parts' beside it)."""
-    if format == "jsonl":
-        return path
-    os.makedirs(os.path.join(path, PARQUET_ROUTES), exist_ok=True)
-    return os.path.join(path, PARQUET_RECORDS)
+    """The file the JSONL records go to, which the engine locks: the log itself, or a
+    parquet log's records file."""
+    return path if format == "jsonl" else os.path.join(path, PARQUET_RECORDS)

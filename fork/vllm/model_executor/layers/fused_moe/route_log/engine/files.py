@@ -1,27 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
 """Where a worker's route log goes: its file, locked and headed; the shared ring's
-size; this writer's load counters for /metrics. Called once, when the logger starts."""
+size. Called once, when the logger starts."""
 
 import fcntl
 import json
 import os
 
 from vllm.logger import init_logger
-from vllm.model_executor.layers.fused_moe.route_log.config import (
-    ENV_BUFFER,
-    ENV_METRICS,
-    ENV_PATH,
-    RouteLogConfig,
-    RouteLogError,
-    WriterLayout,
-)
-from vllm.model_executor.layers.fused_moe.route_log.format import records_path
+from vllm.model_executor.layers.fused_moe.route_log.config import ENV_BUFFER, ENV_PATH, RouteLogConfig, RouteLogError
+from vllm.model_executor.layers.fused_moe.route_log.format import PARQUET_ROUTES, records_path
 
 logger = init_logger(__name__)
 
 
 def locked_log(path: str, format: str, meta: dict):
     """The log's file (a parquet log's records.jsonl), locked, emptied, its meta line written."""
+    if format == "parquet":
+        os.makedirs(os.path.join(path, PARQUET_ROUTES), exist_ok=True)
     log = open(records_path(path, format), "ab")  # truncated only once the lock is held
     try:
         fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -45,14 +40,3 @@ def buffer_bytes(config: RouteLogConfig, step_max: int) -> int:
             f"expected a whole number >= {need}"
         )
     return config.buffer_mb << 20
-
-
-def counters_path(config: RouteLogConfig, layout: WriterLayout) -> str | None:
-    """This writer's load counters (route_log/metrics.py), in the front end's file set."""
-    base = config.metrics_base
-    if not config.metrics or not base:
-        if config.metrics:
-            logger.warning("%s: the front end set no counter files; /metrics will not show "
-                           "expert load", ENV_METRICS)
-        return None
-    return layout.shard_path(base, layout.dp_rank, layout.pp_rank)

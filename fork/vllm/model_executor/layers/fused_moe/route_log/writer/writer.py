@@ -73,18 +73,19 @@ class Writer:
         if args.get("format") == "parquet":
             from .columns import RouteColumns
             self.columns = RouteColumns(self.path, self.layers, self.top_k, args["num_experts"])
-        self.load = None  # the load counters behind /metrics
+        self.load = None  # the expert load behind /metrics
         # With metrics asked for: None, or why /metrics shows no expert load ('end' says it).
         self.metrics_error: dict = {}
-        if args.get("metrics_path"):
-            from ..metrics import LoadCounters
+        if metrics := args.get("metrics"):
+            from .load import LoadMetrics
             self.metrics_error = {"metrics_error": None}
             try:
-                self.load = LoadCounters(args["metrics_path"], self.layers, args["num_experts"], self.top_k)
+                self.load = LoadMetrics(metrics["directory"], metrics["model_name"], self.layers,
+                                        args["num_experts"], self.top_k, metrics["granularity"])
             except OSError as e:
-                self.metrics_error["metrics_error"] = f"{args['metrics_path']}: {e}"
-                print(f"ERROR [route_log writer] VLLM_LOG_MOE_METRICS: {args['metrics_path']}: {e}; "
-                      "/metrics will not show expert load", file=sys.stderr, flush=True)
+                self.metrics_error["metrics_error"] = str(e)
+                print(f"ERROR [route_log writer] VLLM_LOG_MOE_METRICS: {e}; /metrics will not show "
+                      "expert load", file=sys.stderr, flush=True)
         self.pending: list[np.ndarray] = []  # CACHED spans [n, 3] awaiting the next STEP
         self.generated: dict[int, list[np.ndarray]] = {}  # slot -> token ids fed after the prompt
         self.not_logged_ids: list[str] = []
@@ -104,6 +105,8 @@ class Writer:
             self.handle(kind, payload)
         else:
             self.roll()
+        if self.load is not None:
+            self.load.publish()
         self.flush()
 
     def next_message(self) -> tuple[int, bytes] | None:
@@ -116,6 +119,8 @@ class Writer:
                     return kind, payload
             if not select.select([self.pipe], [], [], 0)[0]:
                 self.at_rest()
+                while self.load is not None and not select.select([self.pipe], [], [], 1.0)[0]:
+                    self.load.publish()  # idle: the window gauge moves on
             data = os.read(self.pipe, 1 << 20)
             if not data:
                 return None  # the engine is gone without closing the log
@@ -284,11 +289,15 @@ class Writer:
         return True
 
     def at_rest(self) -> None:
-        """Flushes; with no request open, ends the file with a provisional 'end'."""
+        """Flushes; with no request open, publishes the load and ends the file with a
+        provisional 'end'."""
+        idle = self.stats["requests"] == self.stats["requests_ended"]
+        if idle and self.load is not None:
+            self.load.publish()
         if self.file is None:
             return
         try:
-            if self.stats["requests"] == self.stats["requests_ended"] and self.error is None:
+            if idle and self.error is None:
                 self.roll()
                 self.cut_provisional()
                 offset = self.file.tell()
