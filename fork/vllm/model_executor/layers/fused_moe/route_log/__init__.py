@@ -7,6 +7,6 @@ worker, and the file names say which code runs where:
     channel.py    engine -> writer: a shared-memory ring and a pipe of messages
     metrics.py    live expert load for /metrics
     engine/       the engine's process (torch): layers, header, requests, device copies
-    writer/       the writer's process (numpy, pyarrow): JSONL text, parquet parts,
-                  the prefix-cache replay store
+    writer/       the writer's process (numpy, pyarrow, prometheus_client): JSONL
+                  text, parquet parts, the prefix-cache replay store, the load counts
 """
