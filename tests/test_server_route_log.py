@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -108,11 +109,8 @@ async def traffic(port: int, model: str, pid: int) -> dict:
     return {"concurrent": first, "chats": chats, "many": many, "rss": rss}
 
 
-def serve(tmp: Path, model: Path, log: Path, send=None, requests: int = CONCURRENT + CHATS + MANY,
-          api_servers: int = 1) -> dict:
-    """Starts `vllm serve`, sends the traffic, scrapes /metrics (as often as there are
-    API servers, times three: each connection may reach any of them), stops it with SIGTERM."""
-    port = free_port()
+def server(model: Path, log: Path, port: int, api_servers: int = 1) -> tuple[dict, list[str]]:
+    """The environment and command line of a logged `vllm serve`."""
     env = {k: v for k, v in os.environ.items() if k not in ROUTE_ENV}
     env.update(VLLM_LOG_MOE=str(log), VLLM_LOG_MOE_LAYERS="all", VLLM_LOG_MOE_METRICS="1")
     cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(model), "--port", str(port),
@@ -121,6 +119,15 @@ def serve(tmp: Path, model: Path, log: Path, send=None, requests: int = CONCURRE
            # A KV cache of 64 MiB, all of it touched within the first requests: a
            # 5 GiB one grows the worker's RSS page by page as the block pool cycles.
            "--num-gpu-blocks-override", "128", "--api-server-count", str(api_servers)]
+    return env, cmd
+
+
+def serve(tmp: Path, model: Path, log: Path, send=None, requests: int = CONCURRENT + CHATS + MANY,
+          api_servers: int = 1) -> dict:
+    """Starts `vllm serve`, sends the traffic, scrapes /metrics (as often as there are
+    API servers, times three: each connection may reach any of them), stops it with SIGTERM."""
+    port = free_port()
+    env, cmd = server(model, log, port, api_servers)
     tmp.mkdir()
     with open(tmp / "server.txt", "w") as sink:
         proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=sink, stderr=subprocess.STDOUT,
@@ -273,3 +280,43 @@ def test_metrics_with_two_api_servers_equal_the_log(model, tmp_path):
     for scrape in result["scrapes"]:
         assert expert_counts(parsed(scrape)) == expected
         assert "vllm:num_requests_running" in scrape  # vLLM's own metrics beside ours
+
+
+def test_killing_the_api_server_leaves_no_process(model, tmp_path):
+    """SIGKILL of the API server alone, with generations running: the engine core, its
+    worker and the log's writer end too, and the log says how it ended."""
+    port, log = free_port(), tmp_path / "routes.jsonl"
+    env, cmd = server(model, log, port)
+    with open(tmp_path / "server.txt", "w") as sink:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_until(lambda: healthy(proc, port), 600, "the server's /health")
+            body = json.dumps({"model": str(model), "prompt": list(range(1, 9)), "max_tokens": 240,
+                               "ignore_eos": True}).encode()
+            for _ in range(4):  # their connections die with the server
+                threading.Thread(target=post_quietly, args=(f"http://127.0.0.1:{port}/v1/completions", body),
+                                 daemon=True).start()
+            wait_until(lambda: log.stat().st_size > 200_000, 300, "routes of the running requests")
+            tree = process_tree(proc.pid)
+            assert len(tree) >= 3  # the API server, the engine core, the writer
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            wait_until(lambda: gone(tree), 60, "the engine's processes to follow the API server")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    end = records[-1]
+    assert end["type"] == "end" and end["final"] is True and end["front_end_exited"] is True
+    ends = [r for r in records if r["type"] == "request_end"]
+    # Aborted by the engine's shutdown (the worker cannot tell an abort from an end):
+    # each request short of its 8 + 240 - 1 positions.
+    assert len(ends) == end["requests"] == 4 and all(r["routed_positions"] < 247 for r in ends)
+
+
+def post_quietly(url: str, body: bytes) -> None:
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"}), timeout=600)
+    except OSError:
+        pass

@@ -41,6 +41,8 @@ class RouteLogConfig:
     metrics: str | None = None  # live expert load on /metrics: "expert", "layer" (metrics.py)
     # Where the writers publish the load (metrics.py), chosen by the front end.
     metrics_dir: str | None = None
+    # The front end's process: the log's 'end' says whether it had exited.
+    front_end_pid: int | None = None
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "RouteLogConfig | None":
@@ -208,7 +210,7 @@ def route_log_settings(vllm_config) -> dict | None:
         from .metrics import metrics_directory
 
         config = replace(config, metrics_dir=metrics_directory())
-    return asdict(config)
+    return asdict(replace(config, front_end_pid=os.getpid()))
 
 
 def _check_speculative(vllm_config) -> None:

@@ -69,6 +69,7 @@ class Writer:
         self.store = BlockRoutes(block_size, len(self.layers), self.top_k) if block_size else None
         self.gap_reason = args.get("gap_reason")  # why cached positions cannot be replayed
         self.request_fields = fields_text(args.get("request_fields", {}))  # ends each request record
+        self.front_end_pid = args.get("front_end_pid")
         self.columns = None  # the parquet log's route parts; None: routes are JSONL lines
         if args.get("format") == "parquet":
             from .columns import RouteColumns
@@ -317,9 +318,22 @@ class Writer:
                   "writer_max_rss_mb": _peak_rss_mb(),
                   "block_store_bytes": self.store.nbytes if self.store else 0,
                   **({"route_parts": self.columns.parts} if self.columns else {}),
-                  "write_error": self.error, **self.metrics_error,
+                  "write_error": self.error, **self.metrics_error, **self.front_end(),
                   "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+    def front_end(self) -> dict:
+        """Whether the process that configured the engine had exited by now: a log that
+        ends while it runs was closed by the engine; after it, by its death."""
+        if self.front_end_pid is None:
+            return {}
+        try:
+            os.kill(self.front_end_pid, 0)
+        except ProcessLookupError:
+            return {"front_end_exited": True}
+        except PermissionError:
+            pass
+        return {"front_end_exited": False}
 
     def write(self, data) -> None:
         if self.error is None and self.file is not None:
