@@ -22,8 +22,9 @@ COLUMNS = pa.schema([
     ("token_idx", pa.int64()), ("layer", pa.int64()), ("topk_ids", pa.list_(pa.int64())),
     ("topk_weights", pa.list_(pa.float64())), ("prompt_len", pa.int64()), ("cached", pa.bool_()),
     ("prompt_token_ids", pa.list_(pa.int64())), ("generated_token_ids", pa.list_(pa.int64())),
+    ("routed_positions", pa.int64()),
 ])
-REQUEST_FIELDS = ["req_id", "sample", "prompt_len", "prompt_token_ids", "generated_token_ids"]
+REQUEST_FIELDS = ["req_id", "sample", "prompt_len", "prompt_token_ids", "generated_token_ids", "routed_positions"]
 # The minimal header; schema, num_experts and the rest are optional (num_experts is then
 # inferred from the largest expert id seen).
 META_FIELDS = ("layers_logged", "top_k")

@@ -91,6 +91,8 @@ class LogReader:
         self.weight = np.zeros(shape, np.int64)  # in 1 / WEIGHT_UNITS: exact, whatever the order of reading
         self.tokens = np.zeros(shape[:2], np.int64)
         self.prompt_len: dict[str, int] = {}
+        self.request_keys: set[tuple[str, int | None]] = set()  # (req_id, sample) of 'request' records
+        self.unended: set[tuple[str, int | None]] = set()  # of those, without a 'request_end' yet
         self.seen = SeenRoutes()  # every route key counted so far
         self.streams = Streams()
         self.line = 1  # lines consumed so far
@@ -120,6 +122,8 @@ class LogReader:
                 self._other(kind[row], block[starts[row] : ends[row]])
         self._settle()  # the counting threads read the requests' prompts
         for record in records_of(table, requests):
+            self.request_keys.add((str(record["req_id"]), record.get("sample")))
+            self.unended.add((str(record["req_id"]), record.get("sample")))
             if "prompt_len" in record:
                 self.prompt_len[str(record["req_id"])] = record["prompt_len"]
             self.token_counts.request(record)
@@ -137,6 +141,7 @@ class LogReader:
     def end_requests(self, records: list[dict]) -> None:
         self._settle()
         for record in records:
+            self.unended.discard((str(record["req_id"]), record.get("sample")))
             self.token_counts.request_end(record)
 
     def _other(self, kind: str, line: bytes) -> None:
@@ -269,12 +274,15 @@ class LogReader:
         if tail:
             log.notes.append(f"the last line is unfinished ({len(tail)} bytes) and was skipped")
         if log.end is None:
-            log.notes.append("no 'end' record: the engine did not shut down cleanly")
+            log.notes.append("no 'end' record: the engine had not closed the log (it was still "
+                             "writing, or its processes were killed while requests ran)")
         elif log.end.get("final") is False:
-            log.notes.append(f"the engine's processes were stopped without closing the log "
-                             f"(a kill, or vLLM's immediate shutdown); it ends with the "
-                             f"provisional 'end' of {log.end['ended_at']}, when no request "
-                             "was open: complete up to then")
+            log.notes.append(f"the log ends with the provisional 'end' of {log.end['ended_at']}, "
+                             "written when no request was open: complete up to then, not closed by "
+                             "the engine (still running, or stopped without closing it)")
+        if self.unended and log.end is None:  # a closed log ends every request
+            log.notes.append(f"{len(self.unended)} of {len(self.request_keys)} requests "
+                             "(or samples) have no 'request_end': they were running where the log stops")
         if log.end and log.end.get("write_error"):
             log.notes.append(f"the writer stopped at a write error ({log.end['write_error']}); "
                              "records after it are missing")

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from analysis.log_format import CHUNK_BYTES, RouteLog, read_meta
@@ -47,10 +48,30 @@ def read_parquet_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: i
         for batch in _prefetched(pq.ParquetFile(part).iter_batches(BATCH_ROWS)):
             reader.routes(pa.Table.from_batches([batch]), lambda i, at=read: f"{part.name} row {at + i}", decimals)
             read += batch.num_rows
-    reader.end_requests(reader.deferred_ends)
+    ends = list(reader.deferred_ends)
+    reader.end_requests(ends)
     log = reader.result(tail)
     log.notes += _part_notes(meta, reader.parts, parts, log.end)
+    if log.end is None and (lost := _lost_with_open_part(parts, ends, len(meta["layers_logged"]))):
+        log.notes.append(f"{lost} ended request(s) had routes in the part open at the stop: their "
+                         "'request_end' counts more computed positions than the closed parts hold")
     return log
+
+
+def _lost_with_open_part(parts: list[Path], ends: list[dict], num_layers: int) -> int:
+    """Requests whose computed positions (request_end) outnumber their computed rows in
+    the closed parts, per logged layer."""
+    if not ends or not num_layers:
+        return 0
+    held: dict = {}
+    if parts:
+        rows = pa.concat_tables(pq.read_table(p, columns=["req_id", "sample", "cached"]) for p in parts)
+        rows = rows.filter(pc.invert(rows["cached"].fill_null(False)))
+        rows = pa.table({"req_id": rows["req_id"].cast(pa.string()), "sample": rows["sample"]})
+        counts = rows.group_by(["req_id", "sample"]).aggregate([([], "count_all")]).to_pydict()
+        held = {(r, s): n for r, s, n in zip(counts["req_id"], counts["sample"], counts["count_all"])}
+    return sum(held.get((str(e["req_id"]), e.get("sample")), 0) < e.get("routed_positions", 0) * num_layers
+               for e in ends)
 
 
 def _prefetched(batches):

@@ -92,7 +92,8 @@ def test_truncated_last_line_is_reported_not_fatal(tmp_path):
     path.write_bytes(data[:-30])
     log = read_log(path, chunk_bytes=200)
     assert log.records == 15 and len(log.truncated_tail) > 0 and log.end is None
-    assert any("unfinished" in n for n in log.notes) and any("did not shut down" in n for n in log.notes)
+    assert any("unfinished" in n for n in log.notes) and any("had not closed the log" in n for n in log.notes)
+    assert "1 of 1 requests (or samples) have no 'request_end': they were running where the log stops" in log.notes
 
 
 @pytest.mark.parametrize(

@@ -116,7 +116,25 @@ def test_a_killed_writer_leaves_every_closed_part_readable(tmp_path):
     log = read_log(path)
     assert log.end is None and log.records == 5 * 3 and log.requests == 2
     assert any("routes end with the last closed part" in note for note in log.notes)
+    assert "1 of 2 requests (or samples) have no 'request_end': they were running where the log stops" in log.notes
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{path}/routes/*.parquet')").fetchall() == [(15,)]
+
+
+def test_the_reader_counts_the_requests_a_killed_writer_lost(tmp_path):
+    """'a' ends while 'b' runs, so the part holding both stays open; the writer dies."""
+    path = tmp_path / "log.parquet"
+    logger = make_logger(path)
+    step(logger, new=[new_request("a"), new_request("b")], batch=[("a", 0, 5), ("b", 0, 5)])
+    step(logger, finished=["a"])
+    wait_until(lambda: b'"type":"request_end"' in (path / "records.jsonl").read_bytes(), 30, "a's request_end")
+    os.kill(logger.channel.proc.pid, signal.SIGKILL)
+    logger.channel.proc.wait()
+    logger.close()
+    log = read_log(path)
+    assert log.end is None and log.records == 0 and part_files(path) == []
+    assert "1 ended request(s) had routes in the part open at the stop: their 'request_end' counts more " \
+           "computed positions than the closed parts hold" in log.notes
+    assert "1 of 2 requests (or samples) have no 'request_end': they were running where the log stops" in log.notes
 
 
 @pytest.mark.engine
