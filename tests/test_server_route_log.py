@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +28,8 @@ from route_checks import check_against_oracle, prompts, report, restricted
 
 pytestmark = pytest.mark.engine
 CONCURRENT, CHATS, MANY, RSS_EVERY = 32, 4, 4000, 500
+PAIRS, STOPS, REFUSED = 6, 6, 2  # n=2 requests, stop strings, an invalid body and an over-long prompt
+LOGGED = CONCURRENT + CHATS + MANY + 2 * PAIRS + STOPS  # engine requests: a sample each
 
 
 def free_port() -> int:
@@ -74,6 +77,36 @@ async def complete(client, model, prompt, max_tokens, request_id=None, seed=None
     return {"response_id": resp.id, "prompt_token_ids": choice.prompt_token_ids, "token_ids": choice.token_ids}
 
 
+async def pair(client, model, prompt, seed) -> dict:
+    """n=2, seeded: two samples, two engine requests."""
+    resp = await client.completions.create(model=model, prompt=prompt, max_tokens=8, n=2, temperature=1.0, seed=seed,
+                                           extra_body={"return_token_ids": True, "ignore_eos": True})
+    choices = sorted(resp.choices, key=lambda c: c.index)
+    return {"response_id": resp.id, "prompt_token_ids": choices[0].prompt_token_ids,
+            "samples": [c.token_ids for c in choices]}
+
+
+async def stopped(client, model, prompt) -> dict:
+    """A stop string, matched by the front end in text the engine already computed."""
+    resp = await client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0.0, stop=["e"],
+                                           extra_body={"return_token_ids": True, "ignore_eos": True})
+    choice = resp.choices[0]
+    return {"response_id": resp.id, "prompt_token_ids": choice.prompt_token_ids, "token_ids": choice.token_ids}
+
+
+async def refused(port: int, model: str, body: dict) -> int:
+    """The HTTP status of a request the server must refuse."""
+    def post() -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
+                                         json.dumps({"model": model, **body}).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            return urllib.request.urlopen(request, timeout=300).status
+        except urllib.error.HTTPError as e:
+            return e.code
+    return await asyncio.to_thread(post)
+
+
 async def chat(client, model, i) -> dict:
     resp = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}],
@@ -88,13 +121,21 @@ async def traffic(port: int, model: str, pid: int) -> dict:
 
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                                 timeout=300)
-    # 32 completions and 4 chats at once, half of the completions with the caller's
-    # own id (X-Request-Id), a quarter sampled with a seed of their own: their prefills
-    # are chunked (256-token steps), which crashed vLLM's CPU runner before the fork's fix.
-    *first, chats = await asyncio.gather(*(
+    # 50 clients at once: 32 completions, half of them with the caller's own id
+    # (X-Request-Id), a quarter sampled with a seed of their own (their prefills are
+    # chunked, 256-token steps, which crashed vLLM's CPU runner before the fork's fix);
+    # 4 chats; 6 seeded n=2 requests; 6 with a stop string; an invalid body and a prompt
+    # longer than the model's context, which the server refuses.
+    first = prompts(11, [10 + 3 * i for i in range(CONCURRENT)])
+    mixed = prompts(13, [20] * (PAIRS + STOPS))
+    *first, chats, pairs, stops, codes = await asyncio.gather(*(
         complete(client, model, p, 12, f"client-{i}" if i % 2 else None, 100 + i if i % 4 == 3 else None)
-        for i, p in enumerate(prompts(11, [10 + 3 * i for i in range(CONCURRENT)]))
-    ), asyncio.gather(*(chat(client, model, i) for i in range(CHATS))))
+        for i, p in enumerate(first)
+    ), asyncio.gather(*(chat(client, model, i) for i in range(CHATS))),
+        asyncio.gather(*(pair(client, model, p, 300 + i) for i, p in enumerate(mixed[:PAIRS]))),
+        asyncio.gather(*(stopped(client, model, p) for p in mixed[PAIRS:])),
+        asyncio.gather(refused(port, model, {"prompt": [1, 2, 3], "max_tokens": -5}),
+                       refused(port, model, {"prompt": list(range(1, 301)), "max_tokens": 4})))
     gate, rss, many = asyncio.Semaphore(64), [], []
 
     async def small(i, p):
@@ -106,7 +147,8 @@ async def traffic(port: int, model: str, pid: int) -> dict:
     short = np.random.default_rng(12).integers(0, 1024, (MANY, 8)).tolist()  # no cache blocks to share
     await asyncio.gather(*(small(i, p) for i, p in enumerate(short)))
     await client.close()
-    return {"concurrent": first, "chats": chats, "many": many, "rss": rss}
+    return {"concurrent": first, "chats": chats, "pairs": pairs, "stops": stops, "refused": codes, "many": many,
+            "rss": rss}
 
 
 def server(model: Path, log: Path, port: int, api_servers: int = 1) -> tuple[dict, list[str]]:
@@ -122,7 +164,7 @@ def server(model: Path, log: Path, port: int, api_servers: int = 1) -> tuple[dic
     return env, cmd
 
 
-def serve(tmp: Path, model: Path, log: Path, send=None, requests: int = CONCURRENT + CHATS + MANY,
+def serve(tmp: Path, model: Path, log: Path, send=None, requests: int = LOGGED,
           api_servers: int = 1) -> dict:
     """Starts `vllm serve`, sends the traffic, scrapes /metrics (as often as there are
     API servers, times three: each connection may reach any of them), stops it with SIGTERM."""
@@ -181,11 +223,14 @@ def test_every_response_joins_its_records(served):
     """A completion's req_id is the response id plus "-<prompt index>" (a request may
     carry several prompts), a chat's the response id; X-Request-Id sets the id."""
     assert served["returncode"] == 0, served["output"][-3000:]
+    assert served["refused"] == [400] * REFUSED  # and never reached the engine: counted below
     requests = [json.loads(line) for line in open(served["log"]) if '"type":"request' in line]
-    starts = {r["req_id"]: r for r in requests if r["type"] == "request"}
-    ends = {r["req_id"]: r for r in requests if r["type"] == "request_end"}
+    keyed = {(r["type"], r["req_id"], r.get("sample")): r for r in requests}
+    starts = {req_id: r for (kind, req_id, sample), r in keyed.items() if kind == "request" and sample is None}
+    ends = {req_id: r for (kind, req_id, sample), r in keyed.items() if kind == "request_end" and sample is None}
     responses = served["concurrent"] + served["many"]
-    assert len(starts) == len(ends) == len(responses) + CHATS == CONCURRENT + CHATS + MANY
+    assert len(keyed) == len(requests) == 2 * LOGGED
+    assert len(starts) == len(ends) == len(responses) + CHATS + STOPS
     for i, resp in enumerate(served["concurrent"]):
         assert resp["response_id"] == (f"cmpl-client-{i}" if i % 2 else resp["response_id"])
     for resp in responses:
@@ -199,6 +244,18 @@ def test_every_response_joins_its_records(served):
         assert resp["response_id"].startswith("chatcmpl-") and start["prompt_len"] == resp["prompt_tokens"]
         assert end["finished"] and end["routed_positions"] == (
             resp["prompt_tokens"] + resp["completion_tokens"] - 1 - start["prompt_tokens_cached"])
+    for resp in served["pairs"]:  # one engine request per sample, "sample": i
+        for i, tokens in enumerate(resp["samples"]):
+            start, end = (keyed[(kind, f"{resp['response_id']}-0", i)] for kind in ("request", "request_end"))
+            assert start["prompt_len"] == len(resp["prompt_token_ids"])
+            assert end["routed_positions"] + end["cached_positions"] == len(resp["prompt_token_ids"]) + len(tokens) - 1
+            assert end["generated_token_ids"] == tokens[:-1]
+    for resp in served["stops"]:  # the engine may have computed past the stop string
+        start, end = starts[f"{resp['response_id']}-0"], ends[f"{resp['response_id']}-0"]
+        returned = len(resp["prompt_token_ids"]) + len(resp["token_ids"]) - 1
+        assert end["routed_positions"] + end["cached_positions"] >= returned
+        fed = end.get("generated_token_ids", [])
+        assert fed[: len(resp["token_ids"])] == resp["token_ids"][: len(fed)]
 
 
 def test_sigterm_leaves_a_complete_log_without_duplicates(served):
@@ -207,11 +264,11 @@ def test_sigterm_leaves_a_complete_log_without_duplicates(served):
     idle by then, so it ends with the provisional 'end' of its last request."""
     log = analysis_read_log(served["log"])
     assert log.end is not None, log.notes
-    assert log.end["requests_ended"] == log.end["requests"] == CONCURRENT + CHATS + MANY
+    assert log.end["requests_ended"] == log.end["requests"] == LOGGED
     assert log.end["final"] or any("provisional 'end'" in note for note in log.notes)
     assert log.duplicates == 0 and not log.truncated_tail
     assert log.records == log.end["route_records"]
-    assert log.requests == CONCURRENT + CHATS + MANY
+    assert log.requests == LOGGED - PAIRS  # distinct caller ids: a pair's samples share one
 
 
 def test_metrics_endpoint_shows_the_logs_expert_load(served):

@@ -21,7 +21,7 @@ columns) and writes it, and counts the experts' load, with its own GIL and core.
 
 Speculative decoding: a step's last k rows of a request are its draft tokens, routed
 before verification. Each step's rows go to the ring after its forward, as always, but
-the step waits in ``queue`` (with every later begin_step, in order) until sampling
+the step waits in a queue (engine/speculative.py; with every later begin_step, in order) until sampling
 says how many drafts each request kept: ``end_sample`` queues a device-to-host copy of
 the sampler's tokens with an event, and the queue is settled, oldest first, whenever
 its head's event has completed (never waited for, but at close or when the ring is
@@ -36,10 +36,7 @@ connector reattaches it).
 import atexit
 import multiprocessing.util
 from array import array
-from collections import deque
-from dataclasses import replace
 from functools import partial
-from itertools import repeat
 
 import numpy as np
 import torch
@@ -65,12 +62,11 @@ from vllm.model_executor.layers.fused_moe.route_log.config import (
 )
 from vllm.model_executor.layers.fused_moe.route_log.engine.copies import StepCopies
 from vllm.model_executor.layers.fused_moe.route_log.engine.files import buffer_bytes, locked_log
+from vllm.model_executor.layers.fused_moe.route_log.engine.speculative import HeldSteps
 from vllm.model_executor.layers.fused_moe.route_log.engine.layers import moe_routers, select_layers
 from vllm.model_executor.layers.fused_moe.route_log.engine.meta import block_store_settings, route_log_meta
 from vllm.model_executor.layers.fused_moe.route_log.format import format_meta
 from vllm.model_executor.layers.fused_moe.route_log.engine.requests import (
-    HeldStep,
-    PendingStep,
     Slots,
     request_from,
 )
@@ -97,9 +93,6 @@ class RouteLogger:
         # {"block_size": ..., "gap_reason": ...}: None without prefix caching.
         self.block_store = block_store if layers else None
         self.speculative = speculative
-        self.drafts: dict[str, list[int]] = {}  # engine request id -> this step's draft tokens
-        # Speculative decoding: begin_step calls and PendingSteps, settled in this order.
-        self.queue: deque = deque()
         step_max = step_layout(max_rows, max_rows, len(layers), top_k)[-1]
         capacity = buffer_bytes(config, step_max)
         meta = {**meta, "buffer_bytes": capacity, **format_meta(config.format)}
@@ -121,6 +114,7 @@ class RouteLogger:
         except RuntimeError as e:
             raise RuntimeError(f"{ENV_PATH}: {e}") from None
         self.stopped = False
+        self.held = HeldSteps(self) if speculative else None
         atexit.register(self.close)
         # Worker processes end through multiprocessing, which skips atexit.
         multiprocessing.util.Finalize(self, self.close, exitpriority=100)
@@ -130,7 +124,8 @@ class RouteLogger:
         writer to render what it holds."""
         if self.stopped:
             return
-        self._drain(wait=True)
+        if self.held is not None:
+            self.held.drain(wait=True)
         for engine_id in list(self.slots.of):
             self._end_request(engine_id, finished=False)
         self.stopped = True
@@ -153,16 +148,10 @@ class RouteLogger:
         new_reqs = scheduler_output.scheduled_new_reqs
         cached = scheduler_output.scheduled_cached_reqs
         finished = scheduler_output.finished_req_ids
-        if not self.speculative:
-            self._begin(new_reqs, cached.req_ids, cached.new_block_ids, cached.resumed_req_ids, finished)
+        if self.held is not None:
+            self.held.begin_step(scheduler_output, new_reqs, cached, finished)
             return
-        if self.queue and isinstance(self.queue[-1], PendingStep) and self.queue[-1].tokens is None:
-            self.queue[-1].tokens = False  # no sampling came: its drafts' fate is unknown
-        self.drafts = scheduler_output.scheduled_spec_decode_tokens
-        # The scheduler's lists, as they are now: settled later.
-        self.queue.append((list(new_reqs), list(cached.req_ids), list(cached.new_block_ids),
-                           set(cached.resumed_req_ids), set(finished)))
-        self._drain()
+        self._begin(new_reqs, cached.req_ids, cached.new_block_ids, cached.resumed_req_ids, finished)
 
     def _begin(self, new_reqs, cached_ids, new_block_ids, resumed, finished) -> None:
         """Requests in and out: request records, their KV blocks, request_end records."""
@@ -221,91 +210,17 @@ class RouteLogger:
         starts = np.asarray(query_start_loc[: n + 1], dtype=np.int64)
         first, ends = starts[:-1], starts[1:]
         pos = np.asarray(num_computed_tokens[:n], dtype=np.int64)
-        if self.speculative:
-            self._hold(req_ids, starts, num_computed_tokens, input_ids)
+        if self.held is not None:
+            self.held.hold(req_ids, starts, num_computed_tokens, input_ids)
             return
         if not all_mine:
             mine = slots >= 0  # not a caller's request otherwise
             slots, first, ends, pos = slots[mine], first[mine], ends[mine], pos[mine]
         self._log_rows(slots, first, ends, pos, int(starts[n]), input_ids)
 
-    def _hold(self, req_ids, starts, num_computed_tokens, input_ids) -> None:
-        """A speculative step: its rows go to the ring now, before the next forward
-        overwrites the buffers; which of them count is settled after its sampling."""
-        n = len(req_ids)
-        drafts = np.zeros(n, np.int64)
-        if self.drafts:
-            drafts[:] = np.fromiter(map(len, map(self.drafts.get, req_ids, repeat(()))), np.int64, n)
-        num_rows, region = int(starts[n]), None
-        if self.layers:
-            if not self.channel.has_room(self.copies.size(num_rows, n)):
-                self._drain(wait=True)  # held regions pin the ring: settle them first
-            try:
-                region = self.copies.copy_rows(num_rows, n, input_ids)
-            except WriterGone as e:
-                self._writer_gone(e)
-                return
-        self.queue.append(PendingStep(list(req_ids), starts[:-1].copy(), starts[1:].copy(),
-                                      np.array(num_computed_tokens[:n], dtype=np.int64), num_rows, drafts, region))
-
     def end_sample(self, sampled_token_ids, num_sampled=None) -> None:
-        """After sampling a held step: the sampler's tokens [num_reqs, 1 + drafts]; the
-        first ``num_sampled`` [num_reqs] of each row count (Model Runner V2), or those
-        before the first -1 (V1). Copied to the host without waiting for the device."""
-        if not self.queue or not isinstance(step := self.queue[-1], PendingStep) or step.tokens is not None:
-            return
-        n = len(step.req_ids)
-        tokens = sampled_token_ids[:n]
-        if num_sampled is not None:
-            kept = torch.arange(tokens.shape[1], device=tokens.device) < num_sampled[:n, None]
-            tokens = torch.where(kept, tokens, -1)
-        if tokens.is_cuda:
-            step.tokens = tokens.to("cpu", non_blocking=True)
-            step.ready = torch.cuda.Event()
-            step.ready.record()
-        else:
-            step.tokens = tokens.clone()
-        self._drain()
-
-    def _drain(self, wait: bool = False) -> None:
-        """Settles the queue, oldest first, while its head is ready (or waiting for it)."""
-        while self.queue and not self.stopped:
-            item = self.queue[0]
-            if isinstance(item, PendingStep):
-                if item.tokens is None:
-                    if not wait:
-                        return
-                    item.tokens = False  # closing before its sampling
-                if item.ready is not None:
-                    if wait:
-                        item.ready.synchronize()
-                    elif not item.ready.query():
-                        return
-                self.queue.popleft()
-                self._settle(item)
-            else:
-                self.queue.popleft()
-                self._begin(*item)
-
-    def _settle(self, item: PendingStep) -> None:
-        slots, _ = self.slots.of_batch(item.req_ids)
-        mine = slots >= 0
-        step = HeldStep(slots, item.first, item.ends, item.pos, item.num_rows, None, item.drafts).mine()
-        if len(step.slots):
-            # A start past the last kept row, within the last scheduled span: the host's
-            # positions assumed drafts that were rejected (async scheduling).
-            kept_end = self.slots.next_pos[step.slots]
-            ahead = (step.pos > kept_end) & (step.pos <= self.slots.scheduled_end[step.slots])
-            self.slots.scheduled_end[step.slots] = step.pos + step.ends - step.first
-            if ahead.any():
-                step = replace(step, pos=np.where(ahead, kept_end, step.pos))
-        if item.tokens is False:
-            step = step.without_drafts()
-        else:
-            step = step.verified(item.tokens.numpy()[mine], self.slots)
-            np.add.at(self.slots.accepted, step.slots, step.accepted)
-            np.add.at(self.slots.rejected, step.slots, step.rejected)
-        self._log_rows(*step.rows(), region=item.region)
+        if self.held is not None:
+            self.held.end_sample(sampled_token_ids, num_sampled)
 
     def _log_rows(self, slots, first, ends, pos, num_rows: int, input_ids, region=None) -> None:
         """Maps a step's rows to positions and sends them: per caller's request, its

@@ -4,7 +4,8 @@
 Started by channel.RouteLogChannel with the log file (locked, meta line
 written), the ring's memfd and the pipe's read end. It runs beside the engine, on
 its own core and with its own GIL, so rendering never competes with the engine's
-thread. It imports numpy only. It ends when the pipe closes: after CLOSE with the
+thread. It imports numpy (pyarrow for a parquet log, prometheus_client for metrics). It
+ends when the pipe closes: after CLOSE with the
 final 'end' record; without CLOSE (the engine died) with what it had.
 
 Whenever the pipe is drained and every request seen has ended, the file ends with a
@@ -43,6 +44,7 @@ from ..channel import (
     RingReader,
     step_layout,
 )
+from .log_file import LogFile
 from .render import fields_text, render_rows, request_end_line, request_line, request_prefix
 from .store import BlockRoutes
 
@@ -56,8 +58,7 @@ class Writer:
         self.layers = args["layers"]
         self.top_k = args["top_k"]
         self.pipe = args["pipe_fd"]
-        # None: no log, only the load counters for /metrics (VLLM_LOG_MOE_METRICS alone)
-        self.file = os.fdopen(args["file_fd"], "ab", buffering=1 << 20) if args["file_fd"] is not None else None
+        self.log = LogFile(args["file_fd"], self.path)
         self.ring = RingReader(args["ring_fd"], args["capacity"])
         self.parent = os.getppid()
         self.prefix = np.full((64, 64), ord(" "), dtype=np.uint8)  # [slot, byte]
@@ -90,8 +91,6 @@ class Writer:
         self.pending: list[np.ndarray] = []  # CACHED spans [n, 3] awaiting the next STEP
         self.generated: dict[int, list[np.ndarray]] = {}  # slot -> token ids fed after the prompt
         self.not_logged_ids: list[str] = []
-        self.error: str | None = None
-        self.provisional_at: int | None = None  # offset of a provisional 'end'
         self.inbox = bytearray()
 
     def run(self) -> None:
@@ -101,14 +100,14 @@ class Writer:
             if kind == CLOSE:
                 self.replay_cached()
                 self.roll()
-                self.write(self.end_line(final=True))
+                self.log.write(self.end_line(final=True))
                 break
             self.handle(kind, payload)
         else:
             self.roll()
         if self.load is not None:
             self.load.publish()
-        self.flush()
+        self.log.flush()
 
     def next_message(self) -> tuple[int, bytes] | None:
         while True:
@@ -140,19 +139,19 @@ class Writer:
             # No ids (a prompt of embeddings): where the prompt ends is not known here.
             self.prompt_len[slot] = tokens or NO_PROMPT_IDS
             self.stats["requests"] += 1
-            if self.file is not None:  # metrics alone: no line to render
+            if self.log.file is not None:  # metrics alone: no line to render
                 line = request_line(prefix, engine_req_id, prompt_len, cached, self.request_fields)
-                self.write(_with_field(line, "prompt_token_ids", prompt))
+                self.log.write(_with_field(line, "prompt_token_ids", prompt))
         elif kind == REQUEST_END:
             slot, *counts = REQUEST_END_HEAD.unpack(payload)
             generated = self.generated.pop(slot, None)
             self.stats["requests_ended"] += 1
-            if self.file is not None:
+            if self.log.file is not None:
                 line = request_end_line(self.prefix[slot, : self.prefix_len[slot]].tobytes(), *counts,
                                         self.request_fields)
                 if generated:
                     line = _with_field(line, "generated_token_ids", np.concatenate(generated))
-                self.write(line)
+                self.log.write(line)
         elif kind == BLOCKS:
             slot, first = BLOCKS_HEAD.unpack_from(payload)
             if self.store is not None:
@@ -201,13 +200,13 @@ class Writer:
             owner, row, positions = owner[shown], row[shown], positions[shown]
             if self.load is not None:
                 self.load.add(all_ids[row])
-            if has_tokens and self.file is not None:
+            if has_tokens and self.log.file is not None:
                 self.keep_generated(slots, owner, positions, self.ring.array(offset + tokens_at, np.int32, rows)[row])
             self.render(all_ids, all_weights, row, slots[owner], positions)
             if self.columns is not None and self.columns.due():
                 self.roll()
         except Exception as e:  # a bug must not stop the ring: the engine would wait forever
-            self.fail(e)
+            self.log.fail(e)
         self.ring.release(end)
         self.stats["steps"] += 1
         self.stats["route_records"] += owner.size * num_layers
@@ -227,10 +226,10 @@ class Writer:
         """Route records of ids, weights [rows] (one per logged layer), owned by the
         requests in ``slots`` at ``positions``."""
         if self.columns is not None:
-            if self.error is None:
+            if self.log.error is None:
                 self.columns.add(ids[rows], weights[rows], slots, positions, cached)
             return
-        if self.file is None:
+        if self.log.file is None:
             return
         prefixes = self.prefix[slots, : int(self.prefix_len[slots].max(initial=0))]
         if cached:  # one slot: no padding before the mark
@@ -239,20 +238,20 @@ class Writer:
         chunk = max(1, CHUNK_RECORDS // max(len(self.layers), 1))
         for c in range(0, len(rows), chunk):
             sel = rows[c : c + chunk]
-            self.write(render_rows(ids[sel], weights[sel], prefixes[c : c + chunk],
+            self.log.write(render_rows(ids[sel], weights[sel], prefixes[c : c + chunk],
                                    positions[c : c + chunk], self.layers))
 
     def roll(self) -> None:
         """Closes the parquet log's open part (nothing for JSONL) and names it."""
-        if self.columns is None or self.error is not None:
+        if self.columns is None or self.log.error is not None:
             return
         try:
             record = self.columns.roll()
         except Exception as e:  # as a failed write: the log stops, generation goes on
-            self.fail(e)
+            self.log.fail(e)
             return
         if record is not None:
-            self.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+            self.log.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
 
     def replay_cached(self) -> None:
         """Route records, marked cached, for positions the prefix cache served: from the
@@ -268,7 +267,7 @@ class Writer:
                 self.stats["cached_route_records"] += len(rows) * len(self.layers)
                 self.stats["route_records"] += len(rows) * len(self.layers)
             for a, b in _runs(np.flatnonzero(~known)):
-                self.write(b'{"type":"gap",' + prefix + json.dumps(
+                self.log.write(b'{"type":"gap",' + prefix + json.dumps(
                     {"first_token_idx": start + a, "last_token_idx": start + b, "layers": self.layers,
                      "reason": self.gap_reason or "routing of these cached positions is not "
                      "known: their KV blocks were not computed by this engine's forward"},
@@ -295,18 +294,12 @@ class Writer:
         idle = self.stats["requests"] == self.stats["requests_ended"]
         if idle and self.load is not None:
             self.load.publish()
-        if self.file is None:
+        if self.log.file is None:
             return
-        try:
-            if idle and self.error is None:
-                self.roll()
-                self.cut_provisional()
-                offset = self.file.tell()
-                self.file.write(self.end_line(final=False))
-                self.provisional_at = offset
-            self.flush()
-        except OSError as e:
-            self.fail(e)
+        if idle and self.log.error is None:
+            self.roll()
+            self.log.write_provisional(self.end_line(final=False))
+        self.log.flush()
 
     def end_line(self, final: bool) -> bytes:
         header = self.ring.header
@@ -318,7 +311,7 @@ class Writer:
                   "writer_max_rss_mb": _peak_rss_mb(),
                   "block_store_bytes": self.store.nbytes if self.store else 0,
                   **({"route_parts": self.columns.parts} if self.columns else {}),
-                  "write_error": self.error, **self.metrics_error, **self.front_end(),
+                  "write_error": self.log.error, **self.metrics_error, **self.front_end(),
                   "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
@@ -334,36 +327,6 @@ class Writer:
         except PermissionError:
             pass
         return {"front_end_exited": False}
-
-    def write(self, data) -> None:
-        if self.error is None and self.file is not None:
-            try:
-                self.cut_provisional()
-                self.file.write(data)
-            except OSError as e:
-                self.fail(e)
-
-    def cut_provisional(self) -> None:
-        if self.provisional_at is not None:
-            self.file.flush()
-            self.file.truncate(self.provisional_at)
-            self.file.seek(self.provisional_at)  # truncate leaves the position where it was
-            self.provisional_at = None
-
-    def flush(self) -> None:
-        if self.error is None and self.file is not None:
-            try:
-                self.file.flush()
-            except OSError as e:
-                self.fail(e)
-
-    def fail(self, e: Exception) -> None:
-        if self.error is None:
-            self.error = f"{type(e).__name__}: {e}"
-            stamp = time.strftime("%m-%d %H:%M:%S")
-            print(f"ERROR {stamp} [route_log writer] VLLM_LOG_MOE: writing {self.path} failed "
-                  f"({self.error}); the route log stops here and generation goes on",
-                  file=sys.stderr, flush=True)
 
 
 def _with_field(line: bytes, name: str, values: np.ndarray) -> bytes:
