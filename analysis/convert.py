@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from analysis.log_format import CHUNK_BYTES, LogFormatError, parse_block, read_meta
 from analysis.merge import _line
 from analysis.parquet_log import RECORDS, ROUTES, is_parquet_log, part_files
-from analysis.route_format import PARQUET_OPTIONS, PART_ROWS, format_meta, id_type, part_name
+from analysis.route_format import FORMATS, PARQUET_OPTIONS, PART_ROWS, format_meta, id_type, part_name
 
 
 def to_parquet(src: Path, dst: Path) -> dict:
@@ -192,9 +192,16 @@ def _other_lines(table: pa.Table, block: bytes, cut: int) -> list[tuple[str, byt
     return [(kind[i], block[starts[i] : ends[i] + 1]) for i in others]
 
 
-def convert(src: str | Path, dst: str | Path) -> dict:
+def convert(src: str | Path, dst: str | Path, to: str | None = None) -> dict:
+    """``src`` in the other form at ``dst``; ``to`` ("jsonl" or "parquet") is checked
+    against ``src``'s form, and else ``dst``'s suffix must name the form."""
     src, dst = Path(src), Path(dst)
-    if is_parquet_log(src):
+    form = "jsonl" if is_parquet_log(src) else "parquet"
+    if (to or dst.suffix.lstrip(".")) != form:
+        raise LogFormatError(f"{dst}: the {'parquet' if form == 'jsonl' else 'JSONL'} log converts to {form}; "
+                             f"name it *.{form}, or say --to {form}" if to is None else
+                             f"--to {to}: {src} is already {to}; it converts to {form}")
+    if form == "jsonl":
         return {"from": "parquet", "to": "jsonl", **to_jsonl(src, dst)}
     return {"from": "jsonl", "to": "parquet", **to_parquet(src, dst)}
 
@@ -203,10 +210,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Convert a route log between JSONL and parquet")
     parser.add_argument("src", help="a JSONL log, or a parquet log's directory")
     parser.add_argument("dst", help="the other form: a directory for parquet, a file for JSONL")
+    parser.add_argument("--to", choices=FORMATS, help="the form to write, where dst's suffix does not say it")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     try:
-        summary = {"src": args.src, "dst": args.dst, **convert(args.src, args.dst)}
+        summary = {"src": args.src, "dst": args.dst, **convert(args.src, args.dst, args.to)}
     except (LogFormatError, OSError) as e:
         print(f"{args.src}: {e}", file=sys.stderr)
         return 2

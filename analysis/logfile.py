@@ -9,6 +9,7 @@ chunk's distinct records are counted on two more threads while the next chunk is
 """
 
 import json
+import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +40,16 @@ def read_for_cli(path: str, layers: list[int] | None) -> tuple[RouteLog, list[in
     if unknown:
         _exit_with(f"layer(s) {unknown} not in the log; logged: {logged}")
     return log, layers or logged
+
+
+def check_output(path: str | Path) -> None:
+    """For the command-line shells, before a log is read: where ``path`` goes must be an
+    existing, writable directory; else one line on stderr and exit status 2."""
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        _exit_with(f"{path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        _exit_with(f"{path}: directory {parent} is not writable")
 
 
 def _exit_with(message: str) -> None:

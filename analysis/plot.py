@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.logfile import read_for_cli
+from analysis.logfile import check_output, read_for_cli
 from analysis.metrics import expert_shares, layer_stats, model_title
 
 
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sort", action="store_true", help="order experts by share")
     parser.add_argument("--json", action="store_true", help="print the plotted shares as JSON")
     args = parser.parse_args(argv)
+    check_output(args.output)
     log, (layer, *_) = read_for_cli(args.log, None if args.layer is None else [args.layer])
     written = write_plots(log, layer, Path(args.output), args.weighted, args.sort)
     shares = expert_shares(log.loads, layer, weighted=args.weighted)

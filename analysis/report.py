@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from analysis.figures import draw_coactivation, draw_confidence, draw_load_over_time
-from analysis.logfile import read_for_cli
+from analysis.logfile import check_output, read_for_cli
 from analysis.metrics import analysis_note, coactivation, expert_shares, model_title
 from analysis.plot import write_plots
 from analysis.stats import report
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", help="decode token ids with this tokenizer (default: the logged model's)")
     parser.add_argument("--json", action="store_true", help="print the files written as JSON")
     args = parser.parse_args(argv)
+    check_output(args.output)
     log, (layer, *_) = read_for_cli(args.log, None if args.layer is None else [args.layer])
     files = write_report(log, args.output, layer, args.cached, decoder(args.tokenizer, log.meta.get("model_id")))
     if args.json:

@@ -6,9 +6,10 @@ analysis_note.md, report.md), into the same folder.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
-from analysis.logfile import read_log
+from analysis.logfile import check_output, read_log
 from analysis.report import write_report as write_analysis
 from analysis.tokens import decoder
 
@@ -25,6 +26,9 @@ def main(argv=None) -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--layer", type=int)
     args = parser.parse_args(argv)
+    if not (args.folder / "moe_routes.jsonl").is_file():
+        sys.exit(f"{args.folder}: no moe_routes.jsonl here; give the folder of an experiments.run")
+    check_output(args.folder / "report.md")
     for path in write_report(args.folder, args.layer):
         print(f"wrote {path}")
     print((args.folder / "analysis_note.md").read_text())

@@ -366,3 +366,38 @@ def test_seen_keys_tell_new_keys_exactly_across_chunks(monkeypatch):
             reference.add(key)
         assert seen.add_new(chunk).tolist() == expected
     assert len(seen) == len(reference) and len(seen.runs) < 6
+
+
+def small_log(tmp_path):
+    routes = [("a", t, 0, (t % 8, (t + 1) % 8), (0.5, 0.5)) for t in range(6)]
+    return write_log(tmp_path / "s.jsonl", meta(), {"a": 3}, routes)
+
+
+def test_the_clis_refuse_an_output_they_cannot_write_before_reading(tmp_path, capsys):
+    log = small_log(tmp_path)
+    for cli, args in ((plot, [str(log), "-o", str(tmp_path / "missing" / "x.png")]),
+                      (report, [str(log), "-o", str(tmp_path / "missing" / "deeper")])):
+        with pytest.raises(SystemExit) as e:
+            cli.main(args)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"{args[-1]}: directory {Path(args[-1]).parent} does not exist"]
+
+
+def test_experiments_report_names_a_folder_without_a_log(tmp_path):
+    from experiments import report as experiments_report
+
+    with pytest.raises(SystemExit, match=f"{tmp_path}: no moe_routes.jsonl here"):
+        experiments_report.main([str(tmp_path)])
+
+
+def test_convert_refuses_a_destination_that_does_not_name_its_form(tmp_path, capsys):
+    from analysis import convert
+
+    log = small_log(tmp_path)
+    assert convert.main([str(log), str(tmp_path / "x.txt")]) == 2
+    assert "name it *.parquet, or say --to parquet" in capsys.readouterr().err
+    assert not (tmp_path / "x.txt").exists()
+    assert convert.main([str(log), str(tmp_path / "x.txt"), "--to", "jsonl"]) == 2
+    assert "is already jsonl; it converts to parquet" in capsys.readouterr().err
+    assert convert.main([str(log), str(tmp_path / "x.txt"), "--to", "parquet"]) == 0
+    assert read_log(tmp_path / "x.txt").records == 6
