@@ -65,6 +65,15 @@ def read_meta(first_line: bytes) -> dict:
     missing = [f for f in META_FIELDS if f not in meta]
     if missing:
         raise LogFormatError(f"line 1: meta header lacks {', '.join(missing)}")
+    layers, top_k = meta["layers_logged"], meta["top_k"]
+    if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                               for x in layers):
+        raise LogFormatError(f"line 1: layers_logged must be a list of layer indices, got {json.dumps(layers)}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise LogFormatError(f"line 1: top_k must be a whole number >= 1, got {json.dumps(top_k)}")
+    experts = meta.get("num_experts")
+    if experts is not None and (not isinstance(experts, int) or isinstance(experts, bool) or experts < 1):
+        raise LogFormatError(f"line 1: num_experts must be a whole number >= 1, got {json.dumps(experts)}")
     if meta.get("schema", 1) != SCHEMA_VERSION:
         raise LogFormatError(f"line 1: schema {meta['schema']}; this reader reads schema {SCHEMA_VERSION}")
     return meta

@@ -27,6 +27,32 @@ from analysis.seen_keys import SeenRoutes, Streams
 from analysis.tokens import TokenCounts
 
 
+MAX_POSITION = 1 << 31  # token_idx beyond it: no engine's context, and it would alias another key
+
+
+def wrong_field(record: dict) -> str | None:
+    """Why a record's fields have types no writer gives, or None."""
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if record["type"] == "route":
+        for name in ("token_idx", "layer"):
+            if name in record and not integer(record[name]):
+                return f"{name} must be an integer, got {json.dumps(record[name])}"
+        if "sample" in record and record["sample"] is not None and not integer(record["sample"]):
+            return f"sample must be an integer, got {json.dumps(record['sample'])}"
+        if not isinstance(record.get("req_id"), (str, int)) or isinstance(record.get("req_id"), bool):
+            return f"req_id must be a string, got {json.dumps(record.get('req_id'))}"
+        ids = record.get("topk_ids")
+        if not isinstance(ids, list) or not all(integer(i) for i in ids):
+            return f"topk_ids must be a list of integers, got {json.dumps(ids)}"
+        weights = record.get("topk_weights")
+        if not isinstance(weights, list) or not all(w is None or (isinstance(w, (int, float))
+                                                                 and not isinstance(w, bool)) for w in weights):
+            return f"topk_weights must be a list of numbers, got {json.dumps(weights)}"
+    return None
+
+
 def read_for_cli(path: str, layers: list[int] | None) -> tuple[RouteLog, list[int]]:
     """read_log for the command-line shells: a bad log or an unlogged layer becomes one
     line on stderr and exit status 2. Returns the log and the layers asked (default all)."""
@@ -104,6 +130,7 @@ class LogReader:
         self.prompt_len: dict[str, int] = {}
         self.request_keys: set[tuple[str, int | None]] = set()  # (req_id, sample) of 'request' records
         self.unended: set[tuple[str, int | None]] = set()  # of those, without a 'request_end' yet
+        self.null_weights = 0  # weights the writer wrote as null
         self.seen = SeenRoutes()  # every route key counted so far
         self.streams = Streams()
         self.line = 1  # lines consumed so far
@@ -192,9 +219,10 @@ class LogReader:
             bad = np.flatnonzero(~ok)[0]
             raise LogFormatError(f"{where(bad)}: layer or expert id outside the meta header's")
         weights = pc.list_flatten(routes["topk_weights"]).to_numpy(zero_copy_only=False).reshape(-1, self.top_k)
+        token_idx = routes["token_idx"].to_numpy()
+        self._check_values(ids, weights, token_idx, where)
         if decimals is not None:
             weights = np.rint(weights.astype(np.float64) * 10**decimals) / 10**decimals
-        token_idx = routes["token_idx"].to_numpy()
         # A chunk holds few distinct requests: work on their ids, then index per row.
         encoded = pc.dictionary_encode(routes["req_id"]).combine_chunks()
         names, row_req = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
@@ -210,6 +238,19 @@ class LogReader:
         self.pending = [self.pools[0].submit(self._tally_sums, slot, phase, ids, finite(weights)),
                         self.pools[1].submit(self._tally_ordered, slot, ids,
                                              (names, samples, row_req, token_idx))]
+
+    def _check_values(self, ids: np.ndarray, weights: np.ndarray, token_idx: np.ndarray, where) -> None:
+        """Values no engine writes stop the reading, named with their place. A weight the
+        writer wrote as null (not finite in the engine) is counted, as 0, in a note."""
+        bad = (token_idx < 0) | (token_idx >= MAX_POSITION)
+        if bad.any():
+            raise LogFormatError(f"{where(np.flatnonzero(bad)[0])}: token_idx outside 0..{MAX_POSITION - 1}")
+        if not np.isfinite(weights.sum()):
+            self.null_weights += int((~np.isfinite(weights)).sum())
+            weights = np.where(np.isfinite(weights), weights, 0.0)
+        if weights.size and (weights.min() < 0 or weights.max() > 1 + 1e-6):
+            row = np.flatnonzero(((weights < 0) | (weights > 1 + 1e-6)).any(axis=1))[0]
+            raise LogFormatError(f"{where(row)}: topk_weights must lie in [0, 1], got {weights[row].tolist()}")
 
     def _tally_ordered(self, slot, ids, token_rows) -> None:
         """Windows and token counts of distinct route records (one chunk at a time, in order)."""
@@ -258,6 +299,8 @@ class LogReader:
                 return LogFormatError(f"line {self.line + i + 1}: not valid JSON ({e})")
             if not isinstance(record, dict) or "type" not in record:
                 return LogFormatError(f"line {self.line + i + 1}: not a record with a 'type'")
+            if (wrong := wrong_field(record)) is not None:
+                return LogFormatError(f"line {self.line + i + 1}: {wrong}")
         last = self.line + block.count(b"\n")
         return LogFormatError(f"lines {self.line + 1}-{last}: unreadable")
 
@@ -306,6 +349,9 @@ class LogReader:
                              "cache are missing ('gap' records say which and why)")
         if log.duplicates:
             log.notes.append(f"{log.duplicates} repeated route records were counted once")
+        if self.null_weights:
+            log.notes.append(f"{self.null_weights} gate weights are null (not finite in the engine): "
+                             "counted as 0 in weighted figures")
         index = pd.MultiIndex.from_product([self.layers, PHASES, range(self.num_experts)],
                                            names=["layer", "phase", "expert"])
         log.loads = pd.DataFrame({"count": self.count.ravel(), "weight": self.weight.ravel() / WEIGHT_UNITS},

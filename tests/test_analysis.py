@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -401,3 +402,49 @@ def test_convert_refuses_a_destination_that_does_not_name_its_form(tmp_path, cap
     assert "is already jsonl; it converts to parquet" in capsys.readouterr().err
     assert convert.main([str(log), str(tmp_path / "x.txt"), "--to", "parquet"]) == 0
     assert read_log(tmp_path / "x.txt").records == 6
+
+
+GOOD = {"type": "route", "req_id": "a", "token_idx": 0, "layer": 0, "topk_ids": [1, 2], "topk_weights": [0.5, 0.5]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"token_idx": "three"}, 'token_idx must be an integer, got "three"'),
+    ({"layer": "0"}, 'layer must be an integer, got "0"'),
+    ({"topk_ids": ["1", "2"]}, 'topk_ids must be a list of integers, got ["1", "2"]'),
+    ({"topk_ids": [1.5, 2]}, "topk_ids must be a list of integers, got [1.5, 2]"),
+    ({"req_id": ["a"]}, 'req_id must be a string, got ["a"]'),
+    ({"topk_weights": [-0.31, 0.5]}, "topk_weights must lie in [0, 1], got [-0.31, 0.5]"),
+    ({"topk_weights": [1e300, 0.5]}, "topk_weights must lie in [0, 1], got [1e+300, 0.5]"),
+    ({"token_idx": 1 << 32}, "token_idx outside 0..2147483647"),
+    ({"token_idx": -1}, "token_idx outside 0..2147483647"),
+])
+def test_bad_values_stop_the_reading_with_their_line(tmp_path, change, message):
+    """Line 4 of 5: a value no writer gives is named, never turned into a number."""
+    lines = [meta(), {"type": "request", "req_id": "a", "prompt_len": 2}, GOOD, {**GOOD, "token_idx": 1, **change},
+             {**GOOD, "token_idx": 2}]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(LogFormatError) as e:
+        read_log(path)
+    assert str(e.value) == f"line 4: {message}"
+
+
+@pytest.mark.parametrize("header, message", [
+    ({"layers_logged": "0"}, 'line 1: layers_logged must be a list of layer indices, got "0"'),
+    ({"top_k": 0}, "line 1: top_k must be a whole number >= 1, got 0"),
+    ({"num_experts": "8"}, 'line 1: num_experts must be a whole number >= 1, got "8"'),
+])
+def test_a_bad_header_is_named(tmp_path, header, message):
+    path = write_log(tmp_path / "h.jsonl", {**meta(), **header}, {"a": 1}, [])
+    with pytest.raises(LogFormatError, match=re.escape(message)):
+        read_log(path)
+
+
+def test_null_weights_count_as_zero_in_a_note(tmp_path):
+    """The writer writes a weight that was not finite in the engine as null."""
+    lines = [meta(), GOOD, {**GOOD, "token_idx": 1, "topk_weights": [None, 1.0]}]
+    path = tmp_path / "n.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    log = read_log(path)
+    assert "1 gate weights are null (not finite in the engine): counted as 0 in weighted figures" in log.notes
+    assert layer_stats(log, 0, weighted=True)["shares"][1] == pytest.approx(0.5 / 2.0)
