@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.placement import ep_balance, max_violation
 from analysis.log_format import PHASES, RouteLog
 
 
@@ -63,8 +64,9 @@ def distribution_stats(shares: pd.Series) -> dict:
     }
 
 
-def layer_stats(log: RouteLog, layer: int, weighted: bool = False, cached: bool = True) -> dict:
-    """One layer: the distribution over all tokens, then prompt and generated apart.
+def layer_stats(log: RouteLog, layer: int, weighted: bool = False, cached: bool = True, placer=None) -> dict:
+    """One layer: the distribution over all tokens, then prompt and generated apart, and
+    the expert-parallel placement metrics of its selections (analysis/placement.py).
     ``cached``: count prompt positions the prefix cache served (the routing the model
     saw for every token) or leave them out (the work the experts did)."""
     tokens = log.tokens[log.tokens["layer"] == layer].set_index("phase")["tokens"]
@@ -79,6 +81,9 @@ def layer_stats(log: RouteLog, layer: int, weighted: bool = False, cached: bool 
         out[phase] = {"tokens": int(tokens[phases].sum()), **distribution_stats(phase_shares)}
     if tokens.get("unknown", 0):
         out["unknown_phase_tokens"] = int(tokens["unknown"])
+    selections = expert_shares(log.loads, layer, counted).fillna(0).to_numpy()
+    out["max_violation"] = max_violation(selections)
+    out["ep_balance"] = ep_balance(selections, placer)
     return out
 
 

@@ -8,12 +8,13 @@ import json
 import sys
 
 from analysis.logfile import read_for_cli
+from analysis.placement import eplb_placer
 from analysis.metrics import (analysis_note, confidence_stats, layer_stats, load_over_time, token_specialisation,
                               top_pairs)
 from analysis.tokens import decoder
 
 
-def report(log, layers: list[int], weighted: bool, cached: bool = True, decode=None) -> dict:
+def report(log, layers: list[int], weighted: bool, cached: bool = True, decode=None, placer=None) -> dict:
     return {
         "model_id": log.meta["model_id"],
         "num_experts": log.meta["num_experts"],
@@ -23,7 +24,7 @@ def report(log, layers: list[int], weighted: bool, cached: bool = True, decode=N
         "duplicates": log.duplicates,
         "complete": log.end is not None and not log.truncated_tail,
         "notes": log.notes,
-        "layers": [layer_stats(log, layer, weighted, cached) for layer in layers],
+        "layers": [layer_stats(log, layer, weighted, cached, placer) for layer in layers],
         # Over every distinct record, cached ones included:
         "coactivation": [{"layer": layer, "top_pairs": top_pairs(log, layer)} for layer in layers],
         "confidence": [{"layer": layer, **confidence_stats(log, layer)} for layer in layers],
@@ -85,13 +86,16 @@ def main(argv=None) -> int:
                                              "the logged model's, when its files are here)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--note", action="store_true", help="only the README analysis note (first layer asked)")
+    parser.add_argument("--eplb", action="store_true", help="rebalance with vLLM's EPLB policy (imports vLLM, "
+                                                            "~9 s) instead of a greedy longest-processing-time one")
     args = parser.parse_args(argv)
     log, layers = read_for_cli(args.log, args.layer)
     if args.note:
         note = analysis_note(log, layers[0])
         print(json.dumps({"layer": layers[0], "note": note}) if args.json else note)
         return 0
-    rep = report(log, layers, args.weighted, args.cached, decoder(args.tokenizer, log.meta.get("model_id")))
+    placer = eplb_placer() if args.eplb else None
+    rep = report(log, layers, args.weighted, args.cached, decoder(args.tokenizer, log.meta.get("model_id")), placer)
     print(json.dumps(rep, indent=1) if args.json else format_text(rep))
     return 0
 

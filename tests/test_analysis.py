@@ -448,3 +448,37 @@ def test_null_weights_count_as_zero_in_a_note(tmp_path):
     log = read_log(path)
     assert "1 gate weights are null (not finite in the engine): counted as 0 in weighted figures" in log.notes
     assert layer_stats(log, 0, weighted=True)["shares"][1] == pytest.approx(0.5 / 2.0)
+
+
+def test_placement_metrics_have_known_answers():
+    from analysis.placement import ep_balance, lpt_rank_loads, max_violation
+
+    assert max_violation(np.array([4.0, 0, 0, 0])) == 3.0 and max_violation(np.array([2.0, 2, 2, 2])) == 0.0
+    assert math.isnan(max_violation(np.zeros(4)))
+    skewed = ep_balance(np.array([3.0, 3, 1, 1]))
+    assert skewed["2"] == {"contiguous": 4 / 6, "rebalanced": 1.0, "rebalanced_by": "greedy-lpt"}
+    assert skewed["4"]["contiguous"] == skewed["4"]["rebalanced"] == 2 / 3
+    assert list(ep_balance(np.ones(60))) == ["2", "3", "4", "5", "6", "10", "12", "15", "20", "30", "60"]
+    assert sorted(lpt_rank_loads(np.array([5.0, 4, 3, 3, 2, 1]), 3)) == [6.0, 6.0, 6.0]
+
+
+def test_stats_json_carries_the_placement_metrics(tmp_path, capsys):
+    """One expert of eight takes every first choice: planted skew, known answers."""
+    routes = [("a", t, 0, (0, 1 + t % 7), (0.75, 0.25)) for t in range(14)]
+    path = write_log(tmp_path / "p.jsonl", meta(), {"a": 7}, routes)
+    assert stats.main([str(path), "--json"]) == 0
+    layer = json.loads(capsys.readouterr().out)["layers"][0]
+    assert layer["max_violation"] == pytest.approx(14 / (28 / 8) - 1)  # expert 0: 14 of 28 selections
+    assert layer["ep_balance"]["2"]["contiguous"] == pytest.approx(14 / 20)  # ranks [14+2+2+2, 2+2+2+2]
+    assert layer["ep_balance"]["2"]["rebalanced"] == pytest.approx(14 / 20)  # expert 0 alone outweighs the rest
+    assert layer["ep_balance"]["8"]["rebalanced_by"] == "greedy-lpt"
+
+
+def test_vllm_eplb_placement_is_used_when_asked():
+    from analysis.placement import ep_balance, eplb_placer
+
+    loads = np.array([3.0, 3, 1, 1, 5, 0, 2, 1])
+    balanced = ep_balance(loads, eplb_placer())
+    assert {v["rebalanced_by"] for v in balanced.values()} == {"vllm-eplb"}
+    assert all(v["rebalanced"] >= v["contiguous"] for v in balanced.values())
+    assert balanced["4"] == {"contiguous": 8 / 12, "rebalanced": 0.8, "rebalanced_by": "vllm-eplb"}
