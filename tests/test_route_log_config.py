@@ -161,7 +161,8 @@ def test_front_end_accepts_good_settings_and_is_silent_when_off(models, tmp_path
     config = engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"),
                            VLLM_LOG_MOE_LAYERS="all", VLLM_LOG_MOE_FORMAT="jsonl")
     settings = pickle.loads(pickle.dumps(config)).observability_config.moe_route_log
-    assert RouteLogConfig(**settings) == RouteLogConfig(str(tmp_path / "r.jsonl"), None, None, "jsonl")
+    assert RouteLogConfig(**settings) == RouteLogConfig(str(tmp_path / "r.jsonl"), None, None, "jsonl",
+                                                        front_end_pid=os.getpid())
     assert list(tmp_path.iterdir()) == []  # the file is created by the worker, not here
 
 
