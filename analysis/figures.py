@@ -113,3 +113,52 @@ def _rebinned(lows: np.ndarray, counts: np.ndarray, bars: int = 40):
     sums = np.add.reduceat(counts[first:last], np.arange(0, last - first, group))
     centres = lows[first] + (np.arange(len(sums)) + 0.5) * group * width
     return centres, sums / counts.sum(), group * width
+
+
+def draw_ep_balance(balance: dict, title: str, path: Path) -> None:
+    """Per EP size: mean/max per-rank load, contiguous placement against a rebalanced one."""
+    matplotlib, plt = _pyplot()
+    sizes = list(balance)
+    x = np.arange(len(sizes))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(sizes) + 3), 4))
+    method = next(iter(balance.values()))["rebalanced_by"] if balance else ""
+    for offset, key, label, colour in ((-0.2, "contiguous", "contiguous (vLLM's default placement)", "#4c72b0"),
+                                       (0.2, "rebalanced", f"rebalanced from these loads ({method})", "#dd8452")):
+        ax.bar(x + offset, [balance[n][key] for n in sizes], 0.4, label=label, color=colour)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="even: every rank equally loaded")
+    ax.set_xticks(x, sizes)
+    ax.set_xlabel("expert-parallel size (ranks)")
+    ax.set_ylabel("mean / max tokens per rank")
+    ax.set_ylim(0, 1.15)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_layer_affinity(affinity: list[dict], num_experts: int, title: str, path: Path) -> None:
+    """Per pair of consecutively logged layers: how much the top-1 expert at the first
+    leaves open at the next, in bits, with the most frequent transition named."""
+    matplotlib, plt = _pyplot()
+    labels = [f"{a['from']} -> {a['to']}" for a in affinity]
+    values = [a["cond_entropy_bits"] for a in affinity]
+    fig, ax = plt.subplots(figsize=(max(8, 0.8 * len(labels) + 3), 4.5))
+    bars = ax.bar(np.arange(len(labels)), values, color="#55a868")
+    limit = float(np.log2(num_experts))
+    ax.axhline(limit, color="black", linestyle="--", linewidth=1,
+               label=f"log2({num_experts}) = {limit:.2f} bits: nothing carried over")
+    for bar, a in zip(bars, affinity):
+        if a["top_transitions"]:
+            t = a["top_transitions"][0]
+            ax.annotate(f"{t['from_expert']}->{t['to_expert']}\n{t['share']:.1%}", (bar.get_x() + bar.get_width() / 2,
+                        bar.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(np.arange(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("logged layer -> next logged layer (above a bar: its commonest top-1 transition)")
+    ax.set_ylabel("H(top-1 at next | top-1 at this), bits")
+    ax.set_ylim(0, limit * 1.25)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -6,19 +6,24 @@ and report.md, which embeds the figures.
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from analysis.figures import draw_coactivation, draw_confidence, draw_load_over_time
+from analysis.figures import (draw_coactivation, draw_confidence, draw_ep_balance, draw_layer_affinity,
+                              draw_load_over_time)
 from analysis.logfile import check_output, read_for_cli
 from analysis.metrics import analysis_note, coactivation, expert_shares, model_title
 from analysis.plot import write_plots
+from analysis.sequence import adjacent_overlap, layer_affinity
 from analysis.stats import report
 from analysis.tokens import decoder
 
 
-def write_report(log, out: Path, layer: int, cached: bool = True, decode=None) -> dict[str, Path]:
-    """The files written, by name."""
+def write_report(log, out: Path, layer: int, cached: bool = True, decode=None,
+                 path: Path | None = None) -> dict[str, Path]:
+    """The files written, by name. ``path``: the log's, for the metrics DuckDB computes
+    over neighbouring records (analysis/sequence.py); without it they are left out."""
     out.mkdir(parents=True, exist_ok=True)
     title = model_title(log.meta)
     files = dict(zip(("expert_hist", "expert_layers"), write_plots(log, layer, out / "expert_hist.png")))
@@ -32,6 +37,19 @@ def write_report(log, out: Path, layer: int, cached: bool = True, decode=None) -
     files["load_over_time"] = out / "load_over_time.png"
     draw_load_over_time(log.windows, f"{title}: expert load imbalance over time", files["load_over_time"])
     stats = report(log, log.meta["layers_logged"], weighted=False, cached=cached, decode=decode)
+    layer_stats = next(s for s in stats["layers"] if s["layer"] == layer)
+    files["ep_balance"] = out / "ep_balance.png"
+    draw_ep_balance(layer_stats["ep_balance"], f"{title} - layer {layer}: expert-parallel balance",
+                    files["ep_balance"])
+    if path is not None:
+        overlap = adjacent_overlap(path)
+        for entry in stats["layers"]:
+            entry["adjacent_overlap"] = overlap.get(entry["layer"], math.nan)
+        stats["layer_affinity"] = layer_affinity(path, log.meta["layers_logged"])
+        if stats["layer_affinity"]:
+            files["layer_affinity"] = out / "layer_affinity.png"
+            draw_layer_affinity(stats["layer_affinity"], log.meta["num_experts"],
+                                f"{title}: top-1 expert carried from layer to layer", files["layer_affinity"])
     files["stats"] = out / "stats.json"
     files["stats"].write_text(json.dumps(stats, indent=1) + "\n")
     files["note"] = out / "analysis_note.md"
@@ -68,6 +86,25 @@ def markdown(log, stats: dict, layer: int, files: dict[str, Path]) -> str:
               f"Max/mean expert load per window of {over_time['window_tokens']} tokens: median "
               f"{over_time['median']:.2f}, worst {over_time['worst']:.2f} over {over_time['windows']} windows.", "",
               f"![load over time]({files['load_over_time'].name})", ""]
+    balance = layer_stats["ep_balance"]
+    lines += ["## Expert-parallel placement", "",
+              f"MaxVio (max load - mean load) / mean load: {layer_stats['max_violation']:.2f}. Mean/max tokens "
+              "per rank with vLLM's contiguous placement and after rebalancing from these loads "
+              f"({next(iter(balance.values()))['rebalanced_by'] if balance else '-'}):", "",
+              "| EP size | contiguous | rebalanced |", "| --- | --- | --- |"]
+    lines += [f"| {n} | {b['contiguous']:.3f} | {b['rebalanced']:.3f} |" for n, b in balance.items()]
+    lines += ["", f"![expert-parallel balance]({files['ep_balance'].name})", ""]
+    if "layer_affinity" in files:
+        lines += ["## Layer to layer", "",
+                  "How much the top-1 expert at one logged layer leaves open at the next (0 bits: it decides it; "
+                  f"log2 of the expert count: nothing carried over), and the mean overlap of consecutive positions' "
+                  "top-k sets:", "", "| layers | bits | most frequent top-1 transition |", "| --- | --- | --- |"]
+        for a in stats["layer_affinity"]:
+            t = a["top_transitions"][0] if a["top_transitions"] else None
+            lines.append(f"| {a['from']} -> {a['to']} | {a['cond_entropy_bits']:.2f} | "
+                         + (f"{t['from_expert']} -> {t['to_expert']} ({t['share']:.1%})" if t else "-") + " |")
+        lines += ["", f"Adjacent-position overlap (Jaccard) at layer {layer}: {layer_stats['adjacent_overlap']:.3f}.", "",
+                  f"![layer affinity]({files['layer_affinity'].name})", ""]
     return "\n".join(lines + token_table(stats, layer))
 
 
@@ -108,7 +145,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     check_output(args.output)
     log, (layer, *_) = read_for_cli(args.log, None if args.layer is None else [args.layer])
-    files = write_report(log, args.output, layer, args.cached, decoder(args.tokenizer, log.meta.get("model_id")))
+    files = write_report(log, args.output, layer, args.cached, decoder(args.tokenizer, log.meta.get("model_id")),
+                         Path(args.log))
     if args.json:
         print(json.dumps({name: str(path) for name, path in files.items()}))
     else:

@@ -18,7 +18,7 @@ def write_report(folder: Path, layer: int | None = None) -> list[Path]:
     log = read_log(folder / "moe_routes.jsonl")
     layer = log.meta["layers_logged"][0] if layer is None else layer
     decode = decoder(None, log.meta.get("model_id"))  # the model's own tokenizer, when it is here
-    return list(write_analysis(log, folder, layer, decode=decode).values())
+    return list(write_analysis(log, folder, layer, decode=decode, path=folder / "moe_routes.jsonl").values())
 
 
 def main(argv=None) -> None:

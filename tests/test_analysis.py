@@ -223,11 +223,13 @@ def test_report_writes_every_figure_and_embeds_them(tmp_path, capsys):
     path = write_log(tmp_path / "r.jsonl", header, {f"r{i}": 20 for i in range(75)}, routes)
     assert report.main([str(path), "-o", str(tmp_path / "out"), "--layer", "5", "--json"]) == 0
     files = {name: Path(p) for name, p in json.loads(capsys.readouterr().out).items()}
-    assert set(files) == {"expert_hist", "expert_layers", "coactivation", "confidence", "load_over_time",
-                          "stats", "note", "report"}
+    figures = ("expert_hist", "expert_layers", "coactivation", "confidence", "load_over_time", "ep_balance",
+               "layer_affinity")
+    assert set(files) == {*figures, "stats", "note", "report"}
     text = files["report"].read_text()
     assert text.startswith("# Routing report: org/tiny-moe [dummy weights]") and "layer 5" in text
-    for name in ("expert_hist", "expert_layers", "coactivation", "confidence", "load_over_time"):
+    assert "| 0 -> 5 |" in text and "| 8 |" in text  # the layer pair; EP size 8 of 16 experts
+    for name in figures:
         assert files[name].read_bytes()[:4] == b"\x89PNG" and f"]({files[name].name})" in text
     stats_json = json.loads(files["stats"].read_text())
     assert [c["layer"] for c in stats_json["coactivation"]] == [0, 5] and stats_json["load_over_time"][0]["windows"] == 3
