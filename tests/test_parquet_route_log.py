@@ -152,3 +152,25 @@ def test_an_engine_writes_a_parquet_log_that_matches_the_oracle(models, tmp_path
     check_token_ids(as_jsonl)
     parquet, jsonl = read_log(log), read_log(tmp_path / "routes.jsonl")
     assert stats.report(parquet, [0, 1, 2, 3], weighted=False) == stats.report(jsonl, [0, 1, 2, 3], weighted=False)
+
+
+def test_the_documented_ep_balance_query_equals_the_stats(tmp_path, capsys):
+    """docs/parquet.md's DuckDB query, on a parquet log of 16 experts and 4 ranks."""
+    rng = np.random.default_rng(3)
+    lines = [{"type": "meta", "schema": 1, "layers_logged": [0, 2], "top_k": 2, "num_experts": 16}]
+    lines += [{"type": "route", "req_id": f"r{t // 50}", "token_idx": t % 50, "layer": layer,
+               "topk_ids": [int(e) for e in rng.choice(16, 2, replace=False, p=np.arange(1, 17) / 136)],
+               "topk_weights": [0.6, 0.4]} for t in range(500) for layer in (0, 2)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    convert(tmp_path / "log.jsonl", tmp_path / "log.parquet")
+    query = f"""
+        WITH load AS (SELECT layer, expert, count(*) AS tokens
+                      FROM (SELECT layer, unnest(topk_ids) AS expert
+                            FROM read_parquet('{tmp_path}/log.parquet/routes/*.parquet') WHERE NOT cached)
+                      GROUP BY ALL),
+        ranks AS (SELECT layer, expert // 4 AS rank, sum(tokens) AS tokens FROM load GROUP BY ALL)
+        SELECT layer, avg(tokens) / max(tokens) AS balance FROM ranks GROUP BY layer ORDER BY layer"""
+    documented = dict(duckdb.sql(query).fetchall())
+    assert stats.main([str(tmp_path / "log.parquet"), "--json"]) == 0
+    ours = {s["layer"]: s["ep_balance"]["4"]["contiguous"] for s in json.loads(capsys.readouterr().out)["layers"]}
+    assert documented == pytest.approx(ours) and set(ours) == {0, 2} and all(v < 0.9 for v in ours.values())
