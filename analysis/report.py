@@ -6,7 +6,6 @@ and report.md, which embeds the figures.
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from analysis.figures import (draw_coactivation, draw_confidence, draw_ep_balanc
 from analysis.logfile import check_output, read_for_cli
 from analysis.metrics import analysis_note, coactivation, expert_shares, model_title
 from analysis.plot import write_plots
-from analysis.sequence import adjacent_overlap, layer_affinity
+from analysis.sequence import add_sequence_metrics
 from analysis.stats import report
 from analysis.tokens import decoder
 
@@ -42,10 +41,7 @@ def write_report(log, out: Path, layer: int, cached: bool = True, decode=None,
     draw_ep_balance(layer_stats["ep_balance"], f"{title} - layer {layer}: expert-parallel balance",
                     files["ep_balance"])
     if path is not None:
-        overlap = adjacent_overlap(path)
-        for entry in stats["layers"]:
-            entry["adjacent_overlap"] = overlap.get(entry["layer"], math.nan)
-        stats["layer_affinity"] = layer_affinity(path, log.meta["layers_logged"])
+        add_sequence_metrics(stats, path, log.meta["layers_logged"])
         if stats["layer_affinity"]:
             files["layer_affinity"] = out / "layer_affinity.png"
             draw_layer_affinity(stats["layer_affinity"], log.meta["num_experts"],
@@ -97,7 +93,7 @@ def markdown(log, stats: dict, layer: int, files: dict[str, Path]) -> str:
     if "layer_affinity" in files:
         lines += ["## Layer to layer", "",
                   "How much the top-1 expert at one logged layer leaves open at the next (0 bits: it decides it; "
-                  f"log2 of the expert count: nothing carried over), and the mean overlap of consecutive positions' "
+                  "log2 of the expert count: nothing carried over), and the mean overlap of consecutive positions' "
                   "top-k sets:", "", "| layers | bits | most frequent top-1 transition |", "| --- | --- | --- |"]
         for a in stats["layer_affinity"]:
             t = a["top_transitions"][0] if a["top_transitions"] else None

@@ -28,20 +28,32 @@ def _records(path: Path) -> str:
             f"layer, topk_ids, topk_weights FROM ({routes})")
 
 
-def adjacent_overlap(path: str | Path) -> dict[int, float]:
+def add_sequence_metrics(stats: dict, path: str | Path, layers: list[int]) -> None:
+    """Adds adjacent_overlap to each of ``stats``' layers and layer_affinity to it, from
+    one read of the log (its distinct records, kept in DuckDB while both are computed)."""
+    con = duckdb.connect()
+    con.execute(f"CREATE TEMP TABLE r AS {_records(Path(path))}")
+    overlap = adjacent_overlap(con)
+    for entry in stats["layers"]:
+        entry["adjacent_overlap"] = overlap.get(entry["layer"], math.nan)
+    stats["layer_affinity"] = layer_affinity(con, layers)
+    con.close()
+
+
+def adjacent_overlap(con) -> dict[int, float]:
     """Per layer: the mean Jaccard index of the top-k expert sets of positions t and t+1
-    of the same request and sample."""
-    rows = duckdb.sql(f"""
-        WITH r AS ({_records(Path(path))}),
-        pairs AS (
+    of the same request and sample. ``con``: a DuckDB connection with the records as r."""
+    rows = con.sql("""
+        WITH pairs AS (
             SELECT layer, topk_ids AS b, lag(topk_ids) OVER w AS a, token_idx - lag(token_idx) OVER w AS step
             FROM r WINDOW w AS (PARTITION BY req_id, s, layer ORDER BY token_idx))
         SELECT layer, avg(len(list_intersect(a, b)) / len(list_distinct(list_concat(a, b)))::DOUBLE)
         FROM pairs WHERE step = 1 GROUP BY layer ORDER BY layer""").fetchall()
-    return {int(layer): float(value) for layer, value in rows}
+    # DuckDB's parallel mean sums in no fixed order: its last bits vary from run to run.
+    return {int(layer): round(float(value), 12) for layer, value in rows}
 
 
-def layer_affinity(path: str | Path, layers: list[int]) -> list[dict]:
+def layer_affinity(con, layers: list[int]) -> list[dict]:
     """For each pair of consecutively logged layers, over the positions logged at both:
     H(top-1 expert at ``to`` | top-1 expert at ``from``) in bits, and the most frequent
     (from expert, to expert) pairs with their shares. Top-1: the largest gate weight."""
@@ -49,9 +61,8 @@ def layer_affinity(path: str | Path, layers: list[int]) -> list[dict]:
     if not pairs:
         return []
     steps = ", ".join(f"({a}, {b})" for a, b in pairs)
-    rows = duckdb.sql(f"""
-        WITH r AS ({_records(Path(path))}),
-        top AS (SELECT req_id, s, token_idx, layer,
+    rows = con.sql(f"""
+        WITH top AS (SELECT req_id, s, token_idx, layer,
                        topk_ids[list_position(topk_weights, list_max(topk_weights))] AS top1 FROM r),
         steps(f, t) AS (VALUES {steps})
         SELECT steps.f, steps.t, x.top1, y.top1, count(*) FROM steps

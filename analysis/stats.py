@@ -5,12 +5,11 @@
 
 import argparse
 import json
-import math
 import sys
 
 from analysis.logfile import read_for_cli
 from analysis.placement import eplb_placer
-from analysis.sequence import adjacent_overlap, layer_affinity
+from analysis.sequence import add_sequence_metrics
 from analysis.metrics import (analysis_note, confidence_stats, layer_stats, load_over_time, token_specialisation,
                               top_pairs)
 from analysis.tokens import decoder
@@ -99,10 +98,7 @@ def main(argv=None) -> int:
     placer = eplb_placer() if args.eplb else None
     rep = report(log, layers, args.weighted, args.cached, decoder(args.tokenizer, log.meta.get("model_id")), placer)
     if args.json:  # from the log's neighbouring records, through DuckDB
-        overlap = adjacent_overlap(args.log)
-        for entry in rep["layers"]:
-            entry["adjacent_overlap"] = overlap.get(entry["layer"], math.nan)
-        rep["layer_affinity"] = layer_affinity(args.log, layers)
+        add_sequence_metrics(rep, args.log, layers)
     print(json.dumps(rep, indent=1) if args.json else format_text(rep))
     return 0
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest

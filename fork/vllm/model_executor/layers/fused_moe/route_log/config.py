@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from .format import FORMATS, records_path, shard_path
 
@@ -146,7 +147,7 @@ def _check_path(path: str, format: str = "jsonl") -> str:
         raise RouteLogError(f"{ENV_PATH}={path!r} is a directory; {expected}")
     if format == "parquet" and os.path.exists(full) and not os.path.isdir(full):
         raise RouteLogError(f"{ENV_PATH}={path!r} is a file; {expected}")
-    above = next(p for p in _ancestors(parent) if os.path.exists(p))
+    above = next(str(p) for p in (Path(parent), *Path(parent).parents) if p.exists())
     if not os.path.isdir(above):
         raise RouteLogError(f"{ENV_PATH}={path!r}: {above} is a file, not a directory; {expected}")
     if above != parent:
@@ -164,14 +165,6 @@ def _check_path(path: str, format: str = "jsonl") -> str:
     except OSError as e:
         raise RouteLogError(f"{ENV_PATH}={path!r}: cannot write there ({e.strerror}); {expected}") from None
     return full
-
-
-def _ancestors(path: str):
-    while True:
-        yield path
-        if os.path.dirname(path) == path:
-            return
-        path = os.path.dirname(path)
 
 
 def route_log_settings(vllm_config) -> dict | None:
