@@ -105,17 +105,24 @@ def test_a_log_another_engine_writes_is_refused_at_start_up(tmp_path, name, form
     assert held.read_text() == "another engine's line\n"
 
 
-def test_a_bad_setting_ends_vllm_serve_with_one_line(models, tmp_path):
+@pytest.mark.parametrize("model, env, line", [
+    ("top2", {"VLLM_LOG_MOE": "/proc/routes.jsonl"},
+     "VLLM_LOG_MOE='/proc/routes.jsonl': cannot write there (No such file or directory); "
+     "expected a path to a .jsonl file in an existing, writable directory"),
+    ("top4", {"VLLM_LOG_MOE": "{tmp}/r.jsonl", "VLLM_LOG_MOE_LAYERS": "0-3"},
+     f"VLLM_LOG_MOE_LAYERS: layer(s) [1] are not MoE layers; valid MoE layers: 0,2-3; accepted: {LAYERS_HELP}"),
+])
+def test_a_bad_setting_ends_vllm_serve_with_one_line(models, tmp_path, model, env, line):
     """No traceback, status 1, before any engine process starts or the model loads."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
-    env["VLLM_LOG_MOE"] = "/proc/routes.jsonl"
-    run = subprocess.run([str(Path(sys.executable).parent / "vllm"), "serve", str(models["top2"]),
-                          "--port", "1", "--dtype", "float32"], env=env, capture_output=True, text=True, timeout=600)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG_MOE")}
+    full_env.update({k: v.format(tmp=tmp_path) for k, v in env.items()})
+    run = subprocess.run([str(Path(sys.executable).parent / "vllm"), "serve", str(models[model]),
+                          "--port", "1", "--dtype", "float32"], env=full_env, capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 1
-    assert run.stderr.strip().splitlines()[-1] == (
-        "VLLM_LOG_MOE='/proc/routes.jsonl': cannot write there (No such file or directory); "
-        "expected a path to a .jsonl file in an existing, writable directory")
+    assert run.stderr.strip().splitlines()[-1] == line
     assert "Traceback" not in run.stderr + run.stdout and "EngineCore" not in run.stderr + run.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def engine_config(model, monkeypatch, engine=None, **env):
@@ -193,4 +200,19 @@ def test_front_end_checks_speculative_decoding(models, tmp_path, monkeypatch):
     config.parallel_config.pipeline_parallel_size = 2
     with pytest.raises(RouteLogError, match=r"speculative decoding \(ngram\) with pipeline parallelism"):
         route_log_settings(config)
+    assert list(tmp_path.iterdir()) == []
+
+def test_front_end_rejects_dense_layers_and_a_ring_smaller_than_a_step(models, tmp_path, monkeypatch):
+    """Known model families (here Qwen2-MoE with an mlp_only layer): the workers' checks,
+    made as the config is, so that `vllm serve` says one line instead of an engine failure."""
+    from vllm.model_executor.layers.fused_moe.route_log.config import known_moe_layers
+
+    with pytest.raises(RouteLogError, match=r"layer\(s\) \[1\] are not MoE layers; valid MoE layers: 0,2-3"):
+        engine_config(models["top4"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"), VLLM_LOG_MOE_LAYERS="0-2")
+    # 16,384 rows x (a 40-byte span, 4 layers x top-2 x 4-byte ids and weights, a token id): 1.7 MiB
+    with pytest.raises(RouteLogError, match=r"VLLM_LOG_MOE_BUFFER_MB=1: one step of this engine needs up to 2 MiB"):
+        engine_config(models["top2"], monkeypatch, {"max_num_batched_tokens": 16384},
+                      VLLM_LOG_MOE=str(tmp_path / "r.jsonl"), VLLM_LOG_MOE_LAYERS="all", VLLM_LOG_MOE_BUFFER_MB="1")
+    config = engine_config(models["top4"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"), VLLM_LOG_MOE_LAYERS="all")
+    assert known_moe_layers(config.model_config.hf_text_config) == [0, 2, 3]
     assert list(tmp_path.iterdir()) == []

@@ -59,11 +59,13 @@ from vllm.model_executor.layers.fused_moe.route_log.config import (
     ENV_PATH,
     RouteLogConfig,
     WriterLayout,
+    buffer_bytes,
+    select_layers,
 )
 from vllm.model_executor.layers.fused_moe.route_log.engine.copies import StepCopies
-from vllm.model_executor.layers.fused_moe.route_log.engine.files import buffer_bytes, locked_log
+from vllm.model_executor.layers.fused_moe.route_log.engine.files import locked_log
 from vllm.model_executor.layers.fused_moe.route_log.engine.speculative import HeldSteps
-from vllm.model_executor.layers.fused_moe.route_log.engine.layers import moe_routers, select_layers
+from vllm.model_executor.layers.fused_moe.route_log.engine.layers import moe_routers
 from vllm.model_executor.layers.fused_moe.route_log.engine.meta import block_store_settings, route_log_meta
 from vllm.model_executor.layers.fused_moe.route_log.format import format_meta
 from vllm.model_executor.layers.fused_moe.route_log.engine.requests import (

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .channel import step_layout
 from .format import FORMATS, records_path, shard_path
 
 ENV_PATH = "VLLM_LOG_MOE"
@@ -186,6 +187,12 @@ def route_log_settings(vllm_config) -> dict | None:
             f"layers 0-{num_layers - 1}; accepted: {LAYERS_HELP}"
         )
     parallel = vllm_config.parallel_config
+    moe_layers = known_moe_layers(model.hf_text_config)
+    if moe_layers is not None:  # else the workers check, as the model loads
+        layers = select_layers(config.layers, moe_layers)
+        rows = vllm_config.scheduler_config.max_num_batched_tokens
+        stages = _stage_sizes(layers, num_layers, parallel.pipeline_parallel_size)
+        buffer_bytes(config, step_layout(rows, rows, max(stages), model.hf_text_config.num_experts_per_tok)[-1])
     _check_speculative(vllm_config)
     unsupported = {
         "micro-batching (DBO)": getattr(parallel, "use_ubatching", False),
@@ -263,3 +270,77 @@ class WriterLayout:
             "writer": {"dp_rank": self.dp_rank, "pp_rank": self.pp_rank, "tp_rank": 0},
             "shards": [os.path.basename(p) for p in self.shard_paths(path)],
         }
+
+
+def known_moe_layers(hf_config) -> list[int] | None:
+    """The MoE layers of a model family whose layout its config spells out, so that a
+    dense layer in VLLM_LOG_MOE_LAYERS fails at the front end (the rules of vLLM's
+    qwen2_moe.py, qwen3_moe.py, deepseek_v2.py, mixtral.py); None for other families,
+    whose workers check as they load the model (moe_routers)."""
+    kind = getattr(hf_config, "model_type", None)
+    layers = range(getattr(hf_config, "num_hidden_layers", 0))
+    if kind in ("qwen2_moe", "qwen3_moe"):
+        dense = getattr(hf_config, "mlp_only_layers", None) or []
+        step = hf_config.decoder_sparse_step
+        return [i for i in layers if i not in dense and hf_config.num_experts > 0 and (i + 1) % step == 0]
+    if kind in ("deepseek_v2", "deepseek_v3"):
+        every = getattr(hf_config, "moe_layer_freq", 1)
+        return [i for i in layers if hf_config.n_routed_experts is not None
+                and i >= hf_config.first_k_dense_replace and i % every == 0]
+    if kind == "mixtral":
+        return list(layers)
+    return None
+
+
+def _stage_sizes(layers: list[int], num_layers: int, stages: int) -> list[int]:
+    """Logged layers per pipeline stage (each stage's writer has its own ring)."""
+    if stages == 1:
+        return [len(layers)]
+    from vllm.distributed.utils import get_pp_indices
+
+    return [sum(start <= layer < end for layer in layers)
+            for start, end in (get_pp_indices(num_layers, rank, stages) for rank in range(stages))]
+
+
+def select_layers(
+    wanted: tuple[int, ...] | None, moe_layers: list[int], stage: range | None = None
+) -> list[int]:
+    """The wanted layers, checked against ``moe_layers``. With pipeline parallelism
+    ``stage`` is this stage's decoder layers and ``moe_layers`` its MoE layers; the
+    wanted layers of other stages are theirs to log."""
+    if not moe_layers and stage is None:
+        raise RouteLogError(f"{ENV_PATH} is set but the model has no MoE layers")
+    if wanted is None:
+        return moe_layers
+    here = [layer for layer in wanted if stage is None or layer in stage]
+    missing = [layer for layer in here if layer not in moe_layers]
+    if missing:
+        of_stage = "" if stage is None else f" of pipeline stage {stage.start}-{stage.stop - 1}"
+        raise RouteLogError(
+            f"{ENV_LAYERS}: layer(s) {missing} are not MoE layers; valid MoE layers"
+            f"{of_stage}: {_ranges(moe_layers)}; accepted: {LAYERS_HELP}"
+        )
+    return here
+
+
+def _ranges(values: list[int]) -> str:
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def buffer_bytes(config: RouteLogConfig, step_max: int) -> int:
+    """The ring's size: VLLM_LOG_MOE_BUFFER_MB, or 16 steps of the largest batch."""
+    if config.buffer_mb is None:
+        return max(16 * step_max, 16 << 20)
+    if config.buffer_mb << 20 < step_max:
+        need = -(-step_max // (1 << 20))
+        raise RouteLogError(
+            f"{ENV_BUFFER}={config.buffer_mb}: one step of this engine needs up to {need} MiB; "
+            f"expected a whole number >= {need}"
+        )
+    return config.buffer_mb << 20

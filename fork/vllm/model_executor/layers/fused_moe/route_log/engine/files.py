@@ -1,13 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Where a worker's route log goes: its file, locked and headed; the shared ring's
-size. Called once, when the logger starts."""
+"""Where a worker's route log goes: its file, locked and headed. Called once, when the logger starts."""
 
 import fcntl
 import json
 import os
 
 from vllm.logger import init_logger
-from vllm.model_executor.layers.fused_moe.route_log.config import ENV_BUFFER, ENV_PATH, RouteLogConfig, RouteLogError
+from vllm.model_executor.layers.fused_moe.route_log.config import ENV_PATH, RouteLogError
 from vllm.model_executor.layers.fused_moe.route_log.format import PARQUET_ROUTES, records_path
 
 logger = init_logger(__name__)
@@ -27,16 +26,3 @@ def locked_log(path: str, format: str, meta: dict):
     log.write(json.dumps(meta, separators=(",", ":")).encode() + b"\n")
     log.flush()
     return log
-
-
-def buffer_bytes(config: RouteLogConfig, step_max: int) -> int:
-    """The ring's size: VLLM_LOG_MOE_BUFFER_MB, or 16 steps of the largest batch."""
-    if config.buffer_mb is None:
-        return max(16 * step_max, 16 << 20)
-    if config.buffer_mb << 20 < step_max:
-        need = -(-step_max // (1 << 20))
-        raise RouteLogError(
-            f"{ENV_BUFFER}={config.buffer_mb}: one step of this engine needs up to {need} MiB; "
-            f"expected a whole number >= {need}"
-        )
-    return config.buffer_mb << 20
