@@ -1,9 +1,16 @@
 """Routing across positions and layers, computed by DuckDB over the log itself: these
 need each record beside its neighbours (the next position of the same request and
 sample, the next logged layer of the same position), which the streaming reader's
-aggregates do not keep. Distinct records only, as the reader counts them."""
+aggregates do not keep. Distinct records only, as the reader counts them.
+
+Each record is narrowed to what the two metrics read (a 64-bit hash of its request and
+sample, position, layer, top-k expert set as 64-bit masks, top-1 expert), DuckDB runs
+with a memory limit and spills the rest to a temporary directory, so memory stays flat
+as logs grow. Two streams whose hashes collide would be taken for one: at 2^-64 per
+pair, ignored."""
 
 import math
+import tempfile
 from pathlib import Path
 
 import duckdb
@@ -11,44 +18,61 @@ import duckdb
 from analysis.route_format import PARQUET_ROUTES
 
 JSON_COLUMNS = ("{type: 'VARCHAR', req_id: 'VARCHAR', sample: 'BIGINT', token_idx: 'BIGINT', layer: 'BIGINT', "
-                "topk_ids: 'BIGINT[]', topk_weights: 'DOUBLE[]'}")
+                "topk_ids: 'INTEGER[]', topk_weights: 'DOUBLE[]'}")
 TOP_TRANSITIONS = 5
+MEMORY_LIMIT = "512MB"  # DuckDB's own; past it, joins and tables spill to disk
 
 
-def _records(path: Path) -> str:
-    """The log's distinct route records as a SQL query."""
+def _records(path: Path, num_experts: int, distinct: bool) -> str:
+    """The log's route records, narrowed, as a SQL query; ``distinct``: the log repeats
+    some (the reader counted duplicates), keep one of each."""
     if path.is_dir():
         source = f"read_parquet('{path / PARQUET_ROUTES}/*.parquet')"
-        routes = f"SELECT req_id::VARCHAR AS req_id, sample, token_idx, layer, topk_ids, topk_weights FROM {source}"
+        routes = (f"SELECT req_id::VARCHAR AS req_id, sample, token_idx, layer, topk_ids::INTEGER[] AS topk_ids, "
+                  f"topk_weights FROM {source}")
     else:  # the reader has validated every line but an unfinished last one
         source = (f"read_json('{path}', format = 'newline_delimited', columns = {JSON_COLUMNS}, "
                   "ignore_errors = true)")
         routes = f"SELECT req_id, sample, token_idx, layer, topk_ids, topk_weights FROM {source} WHERE type = 'route'"
-    return (f"SELECT DISTINCT ON (req_id, s, token_idx, layer) req_id, coalesce(sample, -1) AS s, token_idx, "
-            f"layer, topk_ids, topk_weights FROM ({routes})")
+    # Expert e sets bit e % 64 of mask word e // 64: Jaccard by bit counts, no list work per pair.
+    masks = ", ".join(
+        f"list_reduce(list_transform(topk_ids, lambda e: CASE WHEN e // 64 = {w} THEN 1::UBIGINT << (e % 64) "
+        f"ELSE 0::UBIGINT END), lambda a, b: a | b) AS m{w}" for w in range(_words(num_experts)))
+    narrow = (f"SELECT hash(req_id, coalesce(sample, -1)) AS q, token_idx, layer, {masks}, "
+              f"topk_ids[list_position(topk_weights, list_max(topk_weights))] AS top1 FROM ({routes})")
+    return f"SELECT DISTINCT ON (q, token_idx, layer) * FROM ({narrow})" if distinct else narrow
+
+
+def _words(num_experts: int) -> int:
+    return max(1, -(-num_experts // 64))
 
 
 def add_sequence_metrics(stats: dict, path: str | Path, layers: list[int]) -> None:
     """Adds adjacent_overlap to each of ``stats``' layers and layer_affinity to it, from
-    one read of the log (its distinct records, kept in DuckDB while both are computed)."""
-    con = duckdb.connect()
-    con.execute(f"CREATE TEMP TABLE r AS {_records(Path(path))}")
-    overlap = adjacent_overlap(con)
-    for entry in stats["layers"]:
-        entry["adjacent_overlap"] = overlap.get(entry["layer"], math.nan)
-    stats["layer_affinity"] = layer_affinity(con, layers)
-    con.close()
+    one read of the log (its records, narrowed, kept in DuckDB while both are computed).
+    ``stats``: analysis.stats.report's, whose num_experts and duplicates say how."""
+    with tempfile.TemporaryDirectory(prefix="route-log-duckdb-") as spill:
+        con = duckdb.connect()
+        con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'; SET temp_directory = '{spill}'; "
+                    "SET preserve_insertion_order = false")
+        con.execute(f"CREATE TEMP TABLE r AS {_records(Path(path), stats['num_experts'], stats['duplicates'] > 0)}")
+        overlap = adjacent_overlap(con, _words(stats["num_experts"]))
+        for entry in stats["layers"]:
+            entry["adjacent_overlap"] = overlap.get(entry["layer"], math.nan)
+        stats["layer_affinity"] = layer_affinity(con, layers)
+        con.close()
 
 
-def adjacent_overlap(con) -> dict[int, float]:
+def adjacent_overlap(con, words: int = 1) -> dict[int, float]:
     """Per layer: the mean Jaccard index of the top-k expert sets of positions t and t+1
-    of the same request and sample. ``con``: a DuckDB connection with the records as r."""
-    rows = con.sql("""
-        WITH pairs AS (
-            SELECT layer, topk_ids AS b, lag(topk_ids) OVER w AS a, token_idx - lag(token_idx) OVER w AS step
-            FROM r WINDOW w AS (PARTITION BY req_id, s, layer ORDER BY token_idx))
-        SELECT layer, avg(len(list_intersect(a, b)) / len(list_distinct(list_concat(a, b)))::DOUBLE)
-        FROM pairs WHERE step = 1 GROUP BY layer ORDER BY layer""").fetchall()
+    of the same request and sample. ``con``: a DuckDB connection with the records as r,
+    their sets as ``words`` mask columns m0, m1, ..."""
+    common = " + ".join(f"bit_count(a.m{w} & b.m{w})" for w in range(words))
+    either = " + ".join(f"bit_count(a.m{w} | b.m{w})" for w in range(words))
+    rows = con.sql(f"""
+        SELECT a.layer, avg(({common}) / ({either})::DOUBLE) FROM r a
+        JOIN r b ON b.q = a.q AND b.layer = a.layer AND b.token_idx = a.token_idx + 1
+        GROUP BY a.layer ORDER BY a.layer""").fetchall()
     # DuckDB's parallel mean sums in no fixed order: its last bits vary from run to run.
     return {int(layer): round(float(value), 12) for layer, value in rows}
 
@@ -62,12 +86,10 @@ def layer_affinity(con, layers: list[int]) -> list[dict]:
         return []
     steps = ", ".join(f"({a}, {b})" for a, b in pairs)
     rows = con.sql(f"""
-        WITH top AS (SELECT req_id, s, token_idx, layer,
-                       topk_ids[list_position(topk_weights, list_max(topk_weights))] AS top1 FROM r),
-        steps(f, t) AS (VALUES {steps})
+        WITH steps(f, t) AS (VALUES {steps})
         SELECT steps.f, steps.t, x.top1, y.top1, count(*) FROM steps
-        JOIN top x ON x.layer = steps.f
-        JOIN top y ON y.layer = steps.t AND y.req_id = x.req_id AND y.s = x.s AND y.token_idx = x.token_idx
+        JOIN r x ON x.layer = steps.f
+        JOIN r y ON y.layer = steps.t AND y.q = x.q AND y.token_idx = x.token_idx
         GROUP BY ALL""").fetchall()
     out = []
     for a, b in pairs:
@@ -86,7 +108,8 @@ def conditional_entropy(counts: dict[tuple[int, int], int]) -> float:
     by_x: dict[int, int] = {}
     for (x, _), n in counts.items():
         by_x[x] = by_x.get(x, 0) + n
-    return 0.0 - sum(n / total * math.log2(n / by_x[x]) for (x, _), n in counts.items())
+    # fsum: exact, so the order DuckDB returns the counts in cannot change a bit
+    return 0.0 - math.fsum(n / total * math.log2(n / by_x[x]) for (x, _), n in counts.items())
 
 
 def top_transitions(counts: dict[tuple[int, int], int]) -> list[dict]:

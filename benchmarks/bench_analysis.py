@@ -1,4 +1,5 @@
-"""Analysis at scale: generate a synthetic route log, then time `analysis.stats` on it.
+"""Analysis at scale: generate a synthetic route log, then time `analysis.stats` on it
+beside DuckDB's plain per-layer histogram of the same file (the yardstick).
 
     python benchmarks/bench_analysis.py --records 10000000 --log /tmp/big.jsonl [--parquet]
 
@@ -61,19 +62,34 @@ def generate(path: Path, records: int, seed: int = 0) -> int:
     return written
 
 
-def measure(path: Path) -> dict:
-    """Runs the stats CLI in a fresh process; returns its wall time and peak RSS (this
-    child's own, from wait4: RUSAGE_CHILDREN would keep the largest of all runs)."""
+# The yardstick: DuckDB's own per-layer expert histogram of the same file, 2 threads.
+HISTOGRAM = """
+import duckdb, sys
+path = sys.argv[1]
+source = (f"read_parquet('{path}/routes/*.parquet')" if path.endswith(".parquet") else
+          f"read_json('{path}', format='newline_delimited', columns={{type: 'VARCHAR', layer: 'BIGINT', "
+          "topk_ids: 'BIGINT[]'}, ignore_errors=true) WHERE type = 'route'")
+con = duckdb.connect()
+con.execute("SET threads = 2; SET enable_progress_bar = false")
+rows = con.sql(f"SELECT layer, e, count(*) FROM (SELECT layer, unnest(topk_ids) AS e FROM {source}) GROUP BY ALL").fetchall()
+print(sum(n for *_, n in rows))
+"""
+
+
+def measure(path: Path, tool: str = "stats") -> dict:
+    """Runs ``analysis.stats --json`` (or the DuckDB histogram) in a fresh process;
+    returns its wall time and peak RSS (this child's own, from wait4: RUSAGE_CHILDREN
+    would keep the largest of all runs)."""
+    command = ["-m", "analysis.stats", str(path), "--json"] if tool == "stats" else ["-c", HISTOGRAM, str(path)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "analysis.stats", str(path), "--json"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"analysis.stats {path} failed")
-    report = json.loads(out)
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024), "records": report["route_records"]}
+        raise SystemExit(f"{tool} {path} failed")
+    records = json.loads(out)["route_records"] if tool == "stats" else int(out) // TOP_K
+    return {"tool": tool, "wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024), "records": records}
 
 
 def main() -> None:
@@ -94,10 +110,11 @@ def main() -> None:
         forms["parquet"] = args.log.with_suffix(".parquet")
         if not (args.keep and forms["parquet"].exists()):
             subprocess.run([sys.executable, "-m", "analysis.convert", str(args.log), str(forms["parquet"])], check=True)
-    for _ in range(args.runs):  # alternated: the machine's drift weighs on both forms alike
+    for _ in range(args.runs):  # alternated: the machine's drift weighs on every form and tool alike
         for form, path in forms.items():
             size = sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
-            print(json.dumps({"form": form, "log_bytes": size, **measure(path)}), flush=True)
+            for tool in ("stats", "duckdb-histogram"):
+                print(json.dumps({"form": form, "log_bytes": size, **measure(path, tool)}), flush=True)
 
 
 if __name__ == "__main__":

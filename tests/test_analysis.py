@@ -486,21 +486,23 @@ def test_vllm_eplb_placement_is_used_when_asked():
     assert balanced["4"] == {"contiguous": 8 / 12, "rebalanced": 0.8, "rebalanced_by": "vllm-eplb"}
 
 
-def test_sequence_metrics_have_known_answers(tmp_path, capsys):
+@pytest.mark.parametrize("base, num_experts", [(0, 8), (63, 200)])
+def test_sequence_metrics_have_known_answers(tmp_path, capsys, base, num_experts):
     """Planted: position t routes to {t, t+1} at layer 0 (consecutive sets share one of
     three experts) and its layer-0 top-1 decides layer 1's top-1 (t -> t+1); a repeated
-    record and a second request do not change either."""
-    routes = [(r, t, 0, (t, t + 1), (0.75, 0.25)) for r in ("a", "b") for t in range(6)]
-    routes += [(r, t, 1, (t + 2, t + 1), (0.4, 0.6)) for r in ("a", "b") for t in range(6)]
-    routes.append(("a", 3, 0, (3, 4), (0.75, 0.25)))
-    path = write_log(tmp_path / "seq.jsonl", meta(layers=(0, 1)), {"a": 2, "b": 2}, routes)
+    record and a second request do not change either. Experts 63-70 of 200 straddle the
+    64-expert words the sets are compared in."""
+    routes = [(r, t, 0, (base + t, base + t + 1), (0.75, 0.25)) for r in ("a", "b") for t in range(6)]
+    routes += [(r, t, 1, (base + t + 2, base + t + 1), (0.4, 0.6)) for r in ("a", "b") for t in range(6)]
+    routes.append(("a", 3, 0, (base + 3, base + 4), (0.75, 0.25)))
+    path = write_log(tmp_path / "seq.jsonl", meta(num_experts, layers=(0, 1)), {"a": 2, "b": 2}, routes)
     assert stats.main([str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [layer["adjacent_overlap"] for layer in out["layers"]] == [pytest.approx(1 / 3)] * 2
     (affinity,) = out["layer_affinity"]
     assert (affinity["from"], affinity["to"], affinity["positions"]) == (0, 1, 12)
     assert affinity["cond_entropy_bits"] == 0.0
-    assert affinity["top_transitions"][0] == {"from_expert": 0, "to_expert": 1, "share": 2 / 12}
+    assert affinity["top_transitions"][0] == {"from_expert": base, "to_expert": base + 1, "share": 2 / 12}
     from analysis.sequence import conditional_entropy
 
     assert conditional_entropy({(0, 1): 2, (0, 2): 2, (1, 1): 4}) == pytest.approx(0.5)  # X=0: 1 bit, half the mass
