@@ -52,6 +52,7 @@ class RouteLog:
     gap_records: int = 0  # route records 'gap' records say are missing (positions x layers)
     truncated_tail: bytes = b""  # an unfinished last line, e.g. after a crash
     end: dict | None = None  # the closing record, absent if the engine did not shut down
+    neighbours: object = None  # analysis.neighbours.Neighbours: pairs of neighbouring records
     notes: list[str] = field(default_factory=list)
 
 

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from analysis.aggregates import WINDOW, Aggregates
 from analysis.heap import keep_freed_memory
+from analysis.neighbours import Neighbours
 from analysis.log_format import (CHUNK_BYTES, PHASES, TOKEN_LAYERS, WEIGHT_UNITS, LogFormatError, RouteLog, finite,
                                  parse_block, read_meta, records_of, weight_units)
 from analysis.seen_keys import SeenRoutes, Streams
@@ -123,6 +124,7 @@ class LogReader:
         self.pools = [ThreadPoolExecutor(max_workers=1) for _ in range(2)]
         self.pending: list[Future] = []
         self.token_counts = TokenCounts(self.layers, token_layers or self.layers[:1])
+        self.neighbours = Neighbours(len(self.layers), self.num_experts, self.top_k)
         shape = (len(self.layers), len(PHASES), self.num_experts)
         self.count = np.zeros(shape, np.int64)
         self.weight = np.zeros(shape, np.int64)  # in 1 / WEIGHT_UNITS: exact, whatever the order of reading
@@ -138,6 +140,7 @@ class LogReader:
         # Set, request_end records wait for end_requests (their routes come later).
         self.deferred_ends: list[dict] | None = None
         self.parts: list[dict] = []  # a parquet log's 'part' records
+        self.parts_in_batches = False  # parquet: neighbours are paired a part at a time (end_part)
 
     def add(self, block: bytes, cut: int) -> None:
         """The complete lines ``block[:cut]``."""
@@ -227,17 +230,20 @@ class LogReader:
         encoded = pc.dictionary_encode(routes["req_id"]).combine_chunks()
         names, row_req = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
         samples = routes["sample"].fill_null(0).to_numpy()
-        fresh = self._first_sightings(names, row_req, samples, token_idx, slot)
+        stream = self.streams.of(names, row_req, samples)
+        fresh = self.seen.add_new(stream * len(self.layers) + slot, token_idx)
         self.log.records += len(layer)
         self.log.duplicates += int((~fresh).sum())
         phase = self._phases(names, row_req, token_idx, routes["cached"])
         if not fresh.all():
             slot, phase, ids, weights = slot[fresh], phase[fresh], ids[fresh], weights[fresh]
-            samples, row_req, token_idx = samples[fresh], row_req[fresh], token_idx[fresh]
+            samples, row_req, token_idx, stream = samples[fresh], row_req[fresh], token_idx[fresh], stream[fresh]
+        weights = finite(weights)
+        top1 = ids[np.arange(len(ids)), weights.argmax(1)] if len(ids) else ids[:, 0]  # ties: the first
         self._settle()
-        self.pending = [self.pools[0].submit(self._tally_sums, slot, phase, ids, finite(weights)),
+        self.pending = [self.pools[0].submit(self._tally_sums, slot, phase, ids, weights),
                         self.pools[1].submit(self._tally_ordered, slot, ids,
-                                             (names, samples, row_req, token_idx))]
+                                             (names, samples, row_req, token_idx), (stream, top1))]
 
     def _check_values(self, ids: np.ndarray, weights: np.ndarray, token_idx: np.ndarray, where) -> None:
         """Values no engine writes stop the reading, named with their place. A weight the
@@ -252,11 +258,21 @@ class LogReader:
             row = np.flatnonzero(((weights < 0) | (weights > 1 + 1e-6)).any(axis=1))[0]
             raise LogFormatError(f"{where(row)}: topk_weights must lie in [0, 1], got {weights[row].tolist()}")
 
-    def _tally_ordered(self, slot, ids, token_rows) -> None:
-        """Windows and token counts of distinct route records (one chunk at a time, in order)."""
+    def _tally_ordered(self, slot, ids, token_rows, neighbour_rows) -> None:
+        """Windows, token counts and neighbours of distinct route records (one chunk at a
+        time, in order)."""
         if self.token_counts.prompts:
             self.token_counts.routes(*token_rows, slot, ids)
         self.agg.add_windows(slot, ids)
+        stream, top1 = neighbour_rows
+        self.neighbours.add(stream, slot, token_rows[3], ids, top1)
+        if not self.parts_in_batches:
+            self.neighbours.pair(hold_last=True)
+
+    def end_part(self) -> None:
+        """A parquet part's batches are all in: its neighbours are paired."""
+        self._settle()
+        self.neighbours.pair()
 
     def _tally_sums(self, slot, phase, ids, weights) -> None:
         """Load, pairs and histograms of distinct route records."""
@@ -278,11 +294,6 @@ class LogReader:
         self.count, self.weight = np.pad(self.count, extra), np.pad(self.weight, extra)
         self.agg.grow(num_experts)
         self.num_experts = num_experts
-
-    def _first_sightings(self, names, row_req, samples, token_idx, slot) -> np.ndarray:
-        """True for (req_id, sample, token_idx, layer) keys not seen before."""
-        group = self.streams.of(names, row_req, samples) * len(self.layers) + slot
-        return self.seen.add_new(group, token_idx)
 
     def _phases(self, names, row_req, token_idx, cached) -> np.ndarray:
         """0 prompt, 1 generated, 2 unknown (no 'request' record seen for the id),
@@ -318,8 +329,10 @@ class LogReader:
         for pool in self.pools:
             pool.shutdown()
         self.agg.finish()
+        self.neighbours.pair()
         frames = self.agg.frames()
         log.pairs, log.confidence, log.windows = frames["pairs"], frames["confidence"], frames["windows"]
+        log.neighbours = self.neighbours
         if self.token_counts.seen:
             log.token_counts = self.token_counts.frame()
             log.token_layers = self.token_counts.counted

@@ -24,6 +24,7 @@ from analysis.route_format import PARQUET_RECORDS as RECORDS, PARQUET_ROUTES as 
 BATCH_ROWS = 1 << 18
 
 
+
 def is_parquet_log(path: str | Path) -> bool:
     return (Path(path) / RECORDS).is_file()
 
@@ -40,6 +41,7 @@ def read_parquet_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: i
         meta = read_meta(f.readline())
         reader = LogReader(meta, window, token_layers)
         reader.deferred_ends = []
+        reader.parts_in_batches = True
         tail = feed_lines(f, reader, chunk_bytes)
     decimals = meta.get("weight_decimals", 9)
     parts = part_files(directory)
@@ -48,6 +50,7 @@ def read_parquet_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: i
         for batch in _prefetched(pq.ParquetFile(part).iter_batches(BATCH_ROWS)):
             reader.routes(pa.Table.from_batches([batch]), lambda i, at=read: f"{part.name} row {at + i}", decimals)
             read += batch.num_rows
+        reader.end_part()  # a part's rows are sorted by layer: a position's layers meet within it
     ends = list(reader.deferred_ends)
     reader.end_requests(ends)
     log = reader.result(tail)

@@ -41,7 +41,7 @@ def write_report(log, out: Path, layer: int, cached: bool = True, decode=None,
     draw_ep_balance(layer_stats["ep_balance"], f"{title} - layer {layer}: expert-parallel balance",
                     files["ep_balance"])
     if path is not None:
-        add_sequence_metrics(stats, path, log.meta["layers_logged"])
+        add_sequence_metrics(stats, log, path, log.meta["layers_logged"])
         if stats["layer_affinity"]:
             files["layer_affinity"] = out / "layer_affinity.png"
             draw_layer_affinity(stats["layer_affinity"], log.meta["num_experts"],

@@ -1,9 +1,10 @@
-"""Routing across positions and layers, computed by DuckDB over the log itself: these
-need each record beside its neighbours (the next position of the same request and
-sample, the next logged layer of the same position), which the streaming reader's
-aggregates do not keep. Distinct records only, as the reader counts them.
+"""Routing across positions and layers: adjacent_overlap (the next position of the same
+request and sample) and layer_affinity (the next logged layer of the same position).
+The reader counts both as it streams the log (analysis/neighbours.py); where a log's
+order could hide a pair from it, DuckDB joins the whole log instead, exactly.
+Distinct records only, as the reader counts them.
 
-Each record is narrowed to what the two metrics read (a 64-bit hash of its request and
+For that join each record is narrowed to what the two metrics read (a 64-bit hash of its request and
 sample, position, layer, top-k expert set as 64-bit masks, top-1 expert), DuckDB runs
 with a memory limit and spills the rest to a temporary directory, so memory stays flat
 as logs grow. Two streams whose hashes collide would be taken for one: at 2^-64 per
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import duckdb
 
+from analysis.neighbours import mean_jaccard
 from analysis.route_format import PARQUET_ROUTES
 
 JSON_COLUMNS = ("{type: 'VARCHAR', req_id: 'VARCHAR', sample: 'BIGINT', token_idx: 'BIGINT', layer: 'BIGINT', "
@@ -47,20 +49,38 @@ def _words(num_experts: int) -> int:
     return max(1, -(-num_experts // 64))
 
 
-def add_sequence_metrics(stats: dict, path: str | Path, layers: list[int]) -> None:
-    """Adds adjacent_overlap to each of ``stats``' layers and layer_affinity to it, from
-    one read of the log (its records, narrowed, kept in DuckDB while both are computed).
-    ``stats``: analysis.stats.report's, whose num_experts and duplicates say how."""
+def add_sequence_metrics(stats: dict, log, path: str | Path, layers: list[int]) -> None:
+    """Adds adjacent_overlap to each of ``stats``' layers and layer_affinity to it:
+    ``stats`` is analysis.stats.report's for ``log``, read from ``path``. Pairs of
+    consecutively logged layers, both among ``layers``."""
+    logged = log.meta["layers_logged"]
+    steps = [(a, b) for a, b in zip(logged, logged[1:]) if a in layers and b in layers]
+    if log.neighbours.unordered == 0:
+        by_slot = log.neighbours.adjacent_overlap()
+        overlap = {logged[slot]: value for slot, value in by_slot.items()}
+        counts = {step: log.neighbours.transitions(logged.index(step[0])) for step in steps}
+    else:
+        overlap, counts = _joined(stats, path, steps)
+    for entry in stats["layers"]:
+        entry["adjacent_overlap"] = overlap.get(entry["layer"], math.nan)
+    stats["layer_affinity"] = [
+        {"from": a, "to": b, "positions": sum(counts[(a, b)].values()),
+         "cond_entropy_bits": conditional_entropy(counts[(a, b)]), "top_transitions": top_transitions(counts[(a, b)])}
+        for a, b in steps]
+
+
+def _joined(stats: dict, path: str | Path, steps: list[tuple[int, int]]) -> tuple[dict, dict]:
+    """Both metrics' counts from one read of the log, its records narrowed and kept in
+    DuckDB while they are joined."""
     with tempfile.TemporaryDirectory(prefix="route-log-duckdb-") as spill:
         con = duckdb.connect()
         con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'; SET temp_directory = '{spill}'; "
                     "SET preserve_insertion_order = false")
         con.execute(f"CREATE TEMP TABLE r AS {_records(Path(path), stats['num_experts'], stats['duplicates'] > 0)}")
         overlap = adjacent_overlap(con, _words(stats["num_experts"]))
-        for entry in stats["layers"]:
-            entry["adjacent_overlap"] = overlap.get(entry["layer"], math.nan)
-        stats["layer_affinity"] = layer_affinity(con, layers)
+        counts = layer_transitions(con, steps)
         con.close()
+    return overlap, counts
 
 
 def adjacent_overlap(con, words: int = 1) -> dict[int, float]:
@@ -70,34 +90,29 @@ def adjacent_overlap(con, words: int = 1) -> dict[int, float]:
     common = " + ".join(f"bit_count(a.m{w} & b.m{w})" for w in range(words))
     either = " + ".join(f"bit_count(a.m{w} | b.m{w})" for w in range(words))
     rows = con.sql(f"""
-        SELECT a.layer, avg(({common}) / ({either})::DOUBLE) FROM r a
+        SELECT a.layer, {common} AS common, {either} AS either, count(*) FROM r a
         JOIN r b ON b.q = a.q AND b.layer = a.layer AND b.token_idx = a.token_idx + 1
-        GROUP BY a.layer ORDER BY a.layer""").fetchall()
-    # DuckDB's parallel mean sums in no fixed order: its last bits vary from run to run.
-    return {int(layer): round(float(value), 12) for layer, value in rows}
+        GROUP BY ALL""").fetchall()
+    layers = sorted({int(layer) for layer, *_ in rows})
+    return {layer: mean_jaccard((c, e, n) for at, c, e, n in rows if at == layer) for layer in layers}
 
 
-def layer_affinity(con, layers: list[int]) -> list[dict]:
-    """For each pair of consecutively logged layers, over the positions logged at both:
-    H(top-1 expert at ``to`` | top-1 expert at ``from``) in bits, and the most frequent
-    (from expert, to expert) pairs with their shares. Top-1: the largest gate weight."""
-    pairs = [(a, b) for a, b in zip(sorted(layers), sorted(layers)[1:])]
-    if not pairs:
-        return []
-    steps = ", ".join(f"({a}, {b})" for a, b in pairs)
+def layer_transitions(con, steps: list[tuple[int, int]]) -> dict[tuple[int, int], dict[tuple[int, int], int]]:
+    """For each (from, to) layer pair, over the positions logged at both: (top-1 expert
+    at from, top-1 at to) -> positions. Top-1: the largest gate weight."""
+    if not steps:
+        return {}
+    values = ", ".join(f"({a}, {b})" for a, b in steps)
     rows = con.sql(f"""
-        WITH steps(f, t) AS (VALUES {steps})
+        WITH steps(f, t) AS (VALUES {values})
         SELECT steps.f, steps.t, x.top1, y.top1, count(*) FROM steps
         JOIN r x ON x.layer = steps.f
         JOIN r y ON y.layer = steps.t AND y.q = x.q AND y.token_idx = x.token_idx
         GROUP BY ALL""").fetchall()
-    out = []
-    for a, b in pairs:
-        counts = {(x, y): n for f, t, x, y, n in rows if (f, t) == (a, b)}
-        out.append({"from": a, "to": b, "positions": sum(counts.values()),
-                    "cond_entropy_bits": conditional_entropy(counts),
-                    "top_transitions": top_transitions(counts)})
-    return out
+    counts = {step: {} for step in steps}
+    for f, t, x, y, n in rows:
+        counts[(f, t)][(x, y)] = n
+    return counts
 
 
 def conditional_entropy(counts: dict[tuple[int, int], int]) -> float:

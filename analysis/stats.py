@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     placer = eplb_placer() if args.eplb else None
     rep = report(log, layers, args.weighted, args.cached, decoder(args.tokenizer, log.meta.get("model_id")), placer)
     if args.json:  # from the log's neighbouring records, through DuckDB
-        add_sequence_metrics(rep, args.log, layers)
+        add_sequence_metrics(rep, log, args.log, layers)
     print(json.dumps(rep, indent=1) if args.json else format_text(rep))
     return 0
 

@@ -506,3 +506,50 @@ def test_sequence_metrics_have_known_answers(tmp_path, capsys, base, num_experts
     from analysis.sequence import conditional_entropy
 
     assert conditional_entropy({(0, 1): 2, (0, 2): 2, (1, 1): 4}) == pytest.approx(0.5)  # X=0: 1 bit, half the mass
+
+
+def test_streamed_neighbours_equal_duckdb_joins_in_any_order(tmp_path):
+    """The reader's pairs (in small batches and large, JSONL and parquet) equal DuckDB's
+    join of the whole log; a shuffled log, whose order can hide pairs from the stream,
+    is counted out of order and joined by DuckDB, with the same numbers. Rows as the
+    engine writes them: step by step, a prefix-cache replay after its request's first step."""
+    import copy
+    import random
+
+    from analysis import convert
+    from analysis.sequence import add_sequence_metrics
+
+    rng = random.Random(0)
+    layers = (0, 2, 5)
+    routes = []
+    for step in range(12):
+        for r, first in (("a", 0), ("b", 4)):
+            positions = range(first, first + 8) if step == 0 else [first + 7 + step]
+            for t in positions:
+                for layer in layers:
+                    ids = rng.sample(range(70), 3)
+                    routes.append((r, t, layer, ids, [0.5, 0.3, 0.2]))
+            if step == 0 and r == "b":  # positions 0-3 of b from the prefix cache, replayed after
+                routes += [("b", t, layer, rng.sample(range(70), 3), [0.6, 0.3, 0.1]) for t in range(4) for layer in layers]
+    header = meta(num_experts=70, top_k=3, layers=layers)
+    ordered = write_log(tmp_path / "o.jsonl", header, {"a": 8, "b": 8}, routes)
+    shuffled = write_log(tmp_path / "s.jsonl", header, {"a": 8, "b": 8}, rng.sample(routes, len(routes)))
+    assert convert.main([str(ordered), str(tmp_path / "o.parquet")]) == 0
+
+    def sequence(path, chunk=1 << 20, joined=False):
+        log = read_log(path) if Path(path).is_dir() else read_log(path, chunk_bytes=chunk)
+        rep = stats.report(log, list(layers), weighted=False)
+        if joined:
+            log.neighbours = copy.copy(log.neighbours)
+            log.neighbours.unordered = 1
+        add_sequence_metrics(rep, log, path, list(layers))
+        return log.neighbours.unordered, [s["adjacent_overlap"] for s in rep["layers"]], rep["layer_affinity"]
+
+    unordered, overlap, affinity = sequence(ordered)
+    assert unordered == 0 and [a["positions"] for a in affinity] == [19 + 23] * 2  # a: 8 + 11, b: 4 + 8 + 11
+    assert sequence(ordered, joined=True)[1:] == (overlap, affinity)
+    for chunk in (300, 2000):
+        assert sequence(ordered, chunk) == (0, overlap, affinity)
+    assert sequence(tmp_path / "o.parquet") == (0, overlap, affinity)
+    unordered, *rest = sequence(shuffled, 2000)
+    assert unordered > 0 and rest == [overlap, affinity]
