@@ -174,3 +174,31 @@ def test_the_documented_ep_balance_query_equals_the_stats(tmp_path, capsys):
     assert stats.main([str(tmp_path / "log.parquet"), "--json"]) == 0
     ours = {s["layer"]: s["ep_balance"]["4"]["contiguous"] for s in json.loads(capsys.readouterr().out)["layers"]}
     assert documented == pytest.approx(ours) and set(ours) == {0, 2} and all(v < 0.9 for v in ours.values())
+
+
+def test_the_documented_dask_queries_on_a_local_cluster_equal_the_stats(tmp_path, capsys):
+    """docs/parquet.md's Dask spelling, run by a local cluster of two worker processes:
+    the per-layer expert load and the 4-rank contiguous balance equal analysis.stats'."""
+    import dask.dataframe as dd
+    from dask.distributed import Client, LocalCluster
+
+    rng = np.random.default_rng(4)
+    lines = [{"type": "meta", "schema": 1, "layers_logged": [0, 2], "top_k": 2, "num_experts": 16}]
+    lines += [{"type": "route", "req_id": f"r{t // 50}", "token_idx": t % 50, "layer": layer,
+               "topk_ids": [int(e) for e in rng.choice(16, 2, replace=False, p=np.arange(1, 17) / 136)],
+               "topk_weights": [0.6, 0.4]} for t in range(500) for layer in (0, 2)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    convert(tmp_path / "log.jsonl", tmp_path / "log.parquet")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster):
+        routes = dd.read_parquet(tmp_path / "log.parquet" / "routes", columns=["layer", "topk_ids"])
+        load = routes.explode("topk_ids").groupby(["layer", "topk_ids"]).size().compute()
+    load = load.rename("tokens").reset_index().astype({"topk_ids": int})
+    load["rank"] = load["topk_ids"] // 4
+    ranks = load.groupby(["layer", "rank"])["tokens"].sum()
+    balance = (ranks.groupby("layer").mean() / ranks.groupby("layer").max()).to_dict()
+    assert stats.main([str(tmp_path / "log.parquet"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert balance == pytest.approx({s["layer"]: s["ep_balance"]["4"]["contiguous"] for s in rep["layers"]})
+    ours = {(s["layer"], e): round(share * 1000) for s in rep["layers"] for e, share in enumerate(s["shares"]) if share}
+    assert {(layer, e): n for (layer, e), n in zip(zip(load["layer"], load["topk_ids"]), load["tokens"])} == ours
