@@ -116,10 +116,10 @@ def parse_block(block: bytes, cut: int) -> pa.Table:
         return _parse(fixed, len(fixed))
 
 
-def records_of(table: pa.Table, rows: np.ndarray) -> list[dict]:
-    """'request' / 'request_end' rows as dicts of the fields they have."""
+def records_of(table: pa.Table, rows: np.ndarray, fields: list[str] = REQUEST_FIELDS) -> list[dict]:
+    """Rows (of 'request' / 'request_end' records, by default) as dicts of the fields they have."""
     if not len(rows):
         return []
-    picked = table.take(pa.array(rows)).select(REQUEST_FIELDS).to_pylist()
+    picked = table.take(pa.array(rows)).select(["type", *fields]).to_pylist()
     return [{k: v for k, v in record.items() if v is not None} for record in picked]
 

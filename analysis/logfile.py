@@ -1,11 +1,12 @@
-"""Reads a route log in chunks into an expert-load table: a JSONL file here, a parquet
-log's directory through parquet_log.py, both with LogReader.
+"""Reads a route log into an expert-load table: DuckDB reads the records (source.py), a
+batch at a time in the log's order, from a JSONL file here or a parquet log's directory
+through parquet_log.py; LogReader checks and counts them.
 
-Memory stays bounded by the chunk size plus 8 bytes per distinct routed key and per
-(request, sample, layer), and 32 MiB once a log needs the exact set (de-duplication,
-seen_keys.py), whatever the log's size. The load table has one row per
+Memory stays bounded by the batch plus ~70 bytes per (request, sample, layer), whatever
+the log's size; a log out of one writer's order is read again with the exact set of
+keys (seen_keys.py: 32 MiB plus 8 bytes per key). The load table has one row per
 (layer, phase, expert): how often the expert was chosen and its summed gate weight. A
-chunk's distinct records are counted on two more threads while the next chunk is read.
+batch's distinct records are counted on two more threads while DuckDB reads the next.
 """
 
 import json
@@ -21,13 +22,16 @@ import pyarrow.compute as pc
 
 from analysis.aggregates import WINDOW, Aggregates
 from analysis.heap import keep_freed_memory
+from analysis.log_format import (PHASES, TOKEN_LAYERS, WEIGHT_UNITS, LogFormatError, RouteLog, finite, read_meta,
+                                 records_of, weight_units)
 from analysis.neighbours import Neighbours
-from analysis.log_format import (CHUNK_BYTES, PHASES, TOKEN_LAYERS, WEIGHT_UNITS, LogFormatError, RouteLog, finite,
-                                 parse_block, read_meta, records_of, weight_units)
-from analysis.seen_keys import SeenRoutes, Streams
+from analysis.seen_keys import OutOfOrder, SeenRoutes, Streams
+from analysis.source import BATCH_ROWS, conflicting_repeats, jsonl_batches, last_line, line_of_row, unfinished_tail, why_unreadable
 from analysis.tokens import TokenCounts
 
 
+RARE_FIELDS = ["first_token_idx", "last_token_idx", "layers", "file", "rows", "closed_at", "final", "ended_at",
+               "write_error", "front_end_exited"]
 MAX_POSITION = 1 << 31  # token_idx beyond it: no engine's context, and it would alias another key
 
 
@@ -84,33 +88,46 @@ def _exit_with(message: str) -> None:
     sys.exit(2)
 
 
-def read_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: int = WINDOW,
+def read_log(path: str | Path, batch_rows: int = BATCH_ROWS, window: int = WINDOW,
              token_layers: list[int] | None = None) -> RouteLog:
     """A JSONL log, or a parquet log's directory (analysis.parquet_log).
-    ``token_layers``: layers whose token specialisation is counted (default: the first)."""
+    ``token_layers``: layers whose token specialisation is counted (default: the first).
+    A log out of one writer's order is read a second time, de-duplicated exactly."""
+    try:
+        return _read_log(path, batch_rows, window, token_layers, exact=False)
+    except OutOfOrder:
+        return _read_log(path, batch_rows, window, token_layers, exact=True)
+
+
+def _read_log(path, batch_rows: int, window: int, token_layers, exact: bool) -> RouteLog:
     if Path(path).is_dir():
         from analysis.parquet_log import read_parquet_log
-        return read_parquet_log(path, chunk_bytes, window, token_layers)
+        return read_parquet_log(path, batch_rows, window, token_layers, exact)
     with open(path, "rb") as f:
-        reader = LogReader(read_meta(f.readline()), window, token_layers)
-        return reader.result(feed_lines(f, reader, chunk_bytes))
+        meta = read_meta(f.readline())
+    with LogReader(meta, window, token_layers, path, exact) as reader:
+        tail = unfinished_tail(path)
+        feed_rows(path, reader, batch_rows, tail)
+        return reader.result(tail)
 
 
-def feed_lines(f, reader: "LogReader", chunk_bytes: int) -> bytes:
-    """Gives the reader every complete line after the meta line; returns an unfinished last one."""
-    tail = b""
-    while chunk := f.read(chunk_bytes):
-        block = tail + chunk if tail else chunk
-        cut = block.rfind(b"\n") + 1
-        tail = block[cut:]
-        if cut:
-            reader.add(block, cut)
-    return tail
+def feed_rows(path: str | Path, reader: "LogReader", batch_rows: int, tail: bytes) -> None:
+    """Gives the reader every line after the meta line but an unfinished last one."""
+    pending = None
+    for batch in jsonl_batches(path, batch_rows):
+        if pending is not None:
+            reader.add(pending)
+        pending = batch
+    if pending is not None:
+        reader.add(pending.slice(0, pending.num_rows - 1) if tail.strip() else pending)
 
 
 class LogReader:
-    def __init__(self, meta: dict, window: int, token_layers: list[int] | None):
+    def __init__(self, meta: dict, window: int, token_layers: list[int] | None, path: str | Path | None = None,
+                 exact: bool = False):
         self.meta = meta
+        self.path = path  # the JSONL file whose rows are read (a parquet log's records.jsonl)
+        self.log_path = path  # the log itself (a parquet log's directory)
         self.layers = list(meta["layers_logged"])
         self.inferred = "num_experts" not in meta
         self.num_experts = 0 if self.inferred else meta["num_experts"]
@@ -133,34 +150,27 @@ class LogReader:
         self.request_keys: set[tuple[str, int | None]] = set()  # (req_id, sample) of 'request' records
         self.unended: set[tuple[str, int | None]] = set()  # of those, without a 'request_end' yet
         self.null_weights = 0  # weights the writer wrote as null
-        self.seen = SeenRoutes()  # every route key counted so far
+        self.seen = SeenRoutes(exact)  # which route keys were counted so far
         self.streams = Streams()
-        self.line = 1  # lines consumed so far
+        self.row = 0  # rows (non-blank lines, the meta line's included) consumed so far
         self.log = RouteLog(meta, pd.DataFrame(), pd.DataFrame())
         # Set, request_end records wait for end_requests (their routes come later).
         self.deferred_ends: list[dict] | None = None
         self.parts: list[dict] = []  # a parquet log's 'part' records
+        self.end_row: int | None = None  # the JSONL row of the 'end' record
         self.parts_in_batches = False  # parquet: neighbours are paired a part at a time (end_part)
 
-    def add(self, block: bytes, cut: int) -> None:
-        """The complete lines ``block[:cut]``."""
-        lines = block.count(b"\n", 0, cut)
-        try:
-            table = parse_block(block, cut)
-        except (pa.ArrowInvalid, ValueError):
-            raise self._locate_bad_line(block[:cut]) from None
-        if table.num_rows != lines:
-            raise self._locate_bad_line(block[:cut])
+    def add(self, batch: pa.RecordBatch) -> None:
+        """The next rows of the JSONL file, in order."""
+        table = pa.Table.from_batches([batch])
+        self._check_rows(table)
         kind = table["type"].to_numpy(zero_copy_only=False)
         others = np.flatnonzero(kind != "route")
         requests = others[kind[others] == "request"]
         ended = others[kind[others] == "request_end"]
         rare = others[(kind[others] != "request") & (kind[others] != "request_end")]
-        if len(rare):  # the end, gaps, unknown types: read as whole lines
-            ends = np.flatnonzero(np.frombuffer(block, np.uint8, cut) == ord("\n"))
-            starts = np.r_[0, ends[:-1] + 1]
-            for row in rare:
-                self._other(kind[row], block[starts[row] : ends[row]])
+        for row, record in zip(rare, records_of(table, rare, RARE_FIELDS)):  # the end, gaps, unknown types
+            self._other(kind[row], record, self.row + row)
         self._settle()  # the counting threads read the requests' prompts
         for record in records_of(table, requests):
             self.request_keys.add((str(record["req_id"]), record.get("sample")))
@@ -170,14 +180,22 @@ class LogReader:
             self.token_counts.request(record)
         routes = table.filter(pc.equal(table["type"], "route"))
         if routes.num_rows:
-            rows = np.flatnonzero(kind == "route")
-            self.routes(routes, lambda i: f"line {self.line + rows[i] + 1}")
+            rows = self.row + np.flatnonzero(kind == "route")
+            self.routes(routes, lambda i: f"line {line_of_row(self.path, rows[i])[0]}")
         ends = records_of(table, ended)
         if self.deferred_ends is None:
             self.end_requests(ends)  # after the routes they close
         else:
             self.deferred_ends += ends
-        self.line += lines
+        self.row += table.num_rows
+
+    def __enter__(self) -> "LogReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """The counting threads end (a read stopped by an error leaves them idle)."""
+        for pool in self.pools:
+            pool.shutdown(cancel_futures=True)
 
     def end_requests(self, records: list[dict]) -> None:
         self._settle()
@@ -185,13 +203,13 @@ class LogReader:
             self.unended.discard((str(record["req_id"]), record.get("sample")))
             self.token_counts.request_end(record)
 
-    def _other(self, kind: str, line: bytes) -> None:
-        if kind == "end":
-            self.log.end = json.loads(line)
+    def _other(self, kind: str, record: dict, row: int) -> None:
+        if kind == "end":  # its every field: read from the file (usually its last line) in result()
+            self.log.end, self.end_row = record, row
         elif kind == "part":
-            self.parts.append(json.loads(line))
+            self.parts.append(record)
         elif kind == "gap":
-            gap = json.loads(line)
+            gap = record
             layers = len(gap.get("layers", self.layers))
             self.log.gap_records += (gap["last_token_idx"] - gap["first_token_idx"] + 1) * layers
         elif kind != "meta":
@@ -251,6 +269,12 @@ class LogReader:
         bad = (token_idx < 0) | (token_idx >= MAX_POSITION)
         if bad.any():
             raise LogFormatError(f"{where(np.flatnonzero(bad)[0])}: token_idx outside 0..{MAX_POSITION - 1}")
+        repeated = np.zeros(len(ids), bool)
+        for i in range(ids.shape[1] - 1):
+            repeated |= (ids[:, i : i + 1] == ids[:, i + 1 :]).any(1)
+        if repeated.any():
+            row = np.flatnonzero(repeated)[0]
+            raise LogFormatError(f"{where(row)}: topk_ids names an expert twice: {ids[row].tolist()}")
         if not np.isfinite(weights.sum()):
             self.null_weights += int((~np.isfinite(weights)).sum())
             weights = np.where(np.isfinite(weights), weights, 0.0)
@@ -302,21 +326,31 @@ class LogReader:
         phase = np.where(prompt_len < 0, 2, (token_idx >= prompt_len).astype(np.int64))
         return np.where(cached.fill_null(False).to_numpy(zero_copy_only=False), 3, phase)
 
-    def _locate_bad_line(self, block: bytes) -> LogFormatError:
-        for i, line in enumerate(block.split(b"\n")[:-1]):
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                return LogFormatError(f"line {self.line + i + 1}: not valid JSON ({e})")
-            if not isinstance(record, dict) or "type" not in record:
-                return LogFormatError(f"line {self.line + i + 1}: not a record with a 'type'")
-            if (wrong := wrong_field(record)) is not None:
-                return LogFormatError(f"line {self.line + i + 1}: {wrong}")
-        last = self.line + block.count(b"\n")
-        return LogFormatError(f"lines {self.line + 1}-{last}: unreadable")
+    def _unreadable(self, row: int, default: str) -> LogFormatError:
+        """The error for the JSONL row ``row``, named by its line and, where the line says
+        more than DuckDB's nulls, by what is wrong with it."""
+        number, line = line_of_row(self.path, row)
+        reason = why_unreadable(line)
+        return LogFormatError(f"line {number}: {default if reason == 'unreadable' else reason}")
+
+    def _check_rows(self, table: pa.Table) -> None:
+        """What DuckDB's read flags (a line it could not read, a key or id that is not a
+        whole number), and route records without a required field, named by line."""
+        for flag in (table["type"].is_null(), table["suspect"]):
+            bad = np.flatnonzero(flag.to_numpy(zero_copy_only=False))
+            if len(bad):
+                raise self._unreadable(self.row + bad[0], "unreadable (a line over DuckDB's 16 MB maximum_object_size?)")
+        is_route = pc.equal(table["type"], "route").to_numpy(zero_copy_only=False)
+        for name in ("req_id", "token_idx", "layer", "topk_ids", "topk_weights"):
+            missing = np.flatnonzero(is_route & table[name].is_null().to_numpy(zero_copy_only=False))
+            if len(missing):
+                raise self._unreadable(self.row + missing[0], f"route record without {name}")
 
     def result(self, tail: bytes) -> RouteLog:
         log = self.log
+        if self.end_row is not None:
+            line = last_line(self.path) if self.end_row == self.row - 1 else line_of_row(self.path, self.end_row)[1]
+            log.end = json.loads(line)
         if self.inferred:
             log.meta = {**log.meta, "num_experts": self.num_experts}
             log.notes.append(f"the header has no num_experts: {self.num_experts} inferred from the "
@@ -361,7 +395,10 @@ class LogReader:
             log.notes.append(f"{log.gap_records} route records of positions served from the prefix "
                              "cache are missing ('gap' records say which and why)")
         if log.duplicates:
-            log.notes.append(f"{log.duplicates} repeated route records were counted once")
+            conflicting = conflicting_repeats(self.log_path)
+            log.notes.append(f"{log.duplicates} repeated route records were counted once (the first of each key)"
+                             + (f"; {conflicting} key(s) were logged with different experts or weights: not "
+                                "one engine's log (shards of different runs merged?)" if conflicting else ""))
         if self.null_weights:
             log.notes.append(f"{self.null_weights} gate weights are null (not finite in the engine): "
                              "counted as 0 in weighted figures")

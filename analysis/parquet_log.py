@@ -9,20 +9,19 @@ Weights are rounded to the header's weight_decimals, as the JSONL writer rounds 
 so both forms give identical numbers.
 """
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from analysis.log_format import CHUNK_BYTES, RouteLog, read_meta
-from analysis.logfile import LogReader, feed_lines
 from analysis.aggregates import WINDOW
+from analysis.log_format import RouteLog, read_meta
+from analysis.logfile import LogReader, feed_rows
 from analysis.route_format import PARQUET_RECORDS as RECORDS, PARQUET_ROUTES as ROUTES, PART_GLOB
+from analysis.source import BATCH_ROWS, read_ahead, unfinished_tail
 
-BATCH_ROWS = 1 << 18
-
+PART_BATCH_ROWS = 1 << 18
 
 
 def is_parquet_log(path: str | Path) -> bool:
@@ -34,20 +33,26 @@ def part_files(path: str | Path) -> list[Path]:
     return sorted((Path(path) / ROUTES).glob(PART_GLOB))
 
 
-def read_parquet_log(path: str | Path, chunk_bytes: int = CHUNK_BYTES, window: int = WINDOW,
-                     token_layers: list[int] | None = None) -> RouteLog:
+def read_parquet_log(path: str | Path, batch_rows: int = BATCH_ROWS, window: int = WINDOW,
+                     token_layers: list[int] | None = None, exact: bool = False) -> RouteLog:
     directory = Path(path)
     with open(directory / RECORDS, "rb") as f:
         meta = read_meta(f.readline())
-        reader = LogReader(meta, window, token_layers)
-        reader.deferred_ends = []
-        reader.parts_in_batches = True
-        tail = feed_lines(f, reader, chunk_bytes)
+    with LogReader(meta, window, token_layers, directory / RECORDS, exact) as reader:
+        return _read_parts(directory, meta, reader, batch_rows)
+
+
+def _read_parts(directory: Path, meta: dict, reader: LogReader, batch_rows: int) -> RouteLog:
+    reader.deferred_ends = []
+    reader.parts_in_batches = True
+    reader.log_path = directory
+    tail = unfinished_tail(directory / RECORDS)
+    feed_rows(directory / RECORDS, reader, batch_rows, tail)
     decimals = meta.get("weight_decimals", 9)
     parts = part_files(directory)
     for part in parts:
         read = 0
-        for batch in _prefetched(pq.ParquetFile(part).iter_batches(BATCH_ROWS)):
+        for batch in read_ahead(pq.ParquetFile(part).iter_batches(PART_BATCH_ROWS)):
             reader.routes(pa.Table.from_batches([batch]), lambda i, at=read: f"{part.name} row {at + i}", decimals)
             read += batch.num_rows
         reader.end_part()  # a part's rows are sorted by layer: a position's layers meet within it
@@ -75,15 +80,6 @@ def _lost_with_open_part(parts: list[Path], ends: list[dict], num_layers: int) -
         held = {(r, s): n for r, s, n in zip(counts["req_id"], counts["sample"], counts["count_all"])}
     return sum(held.get((str(e["req_id"]), e.get("sample")), 0) < e.get("routed_positions", 0) * num_layers
                for e in ends)
-
-
-def _prefetched(batches):
-    """The batches, each decoded on a second thread while the one before is counted."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        upcoming = pool.submit(next, batches, None)
-        while (batch := upcoming.result()) is not None:
-            upcoming = pool.submit(next, batches, None)
-            yield batch
 
 
 def _part_notes(meta: dict, listed: list[dict], found: list[Path], end: dict | None) -> list[str]:

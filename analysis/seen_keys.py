@@ -1,12 +1,14 @@
 """The route records a reader has counted, for de-duplication at scale.
 
-SeenRoutes first proves chunks free of repeats without a sort: while every (request,
-sample, layer) group's positions only grow from chunk to chunk, as in every log one
-writer makes (computed rows in step order, cached replays before a request's first
-computed row, recomputed rows never logged), a row above its group's highest position
-so far is new, and a count of each row's (group, position) cell in the chunk finds any
-repeat inside it. The first chunk that fails that proof turns on the exact set
-(SeenKeys) of every key seen, built once from the keys kept until then.
+SeenRoutes proves batches free of repeats without a sort and without keeping keys:
+while every (request, sample, layer) group's positions only grow from batch to batch,
+as in every log one writer makes (computed rows in step order, cached replays before a
+request's first computed row, recomputed rows never logged), a row above its group's
+highest position so far is new, and a count of each row's (group, position) cell in the
+batch finds any repeat inside it: 8 bytes per group. The first batch that fails that
+proof raises OutOfOrder, and the reader reads the log again with the exact set
+(SeenKeys) of every key from the start: memory then grows with the log, for logs that
+are not one writer's order (repeats, merged or shuffled files).
 
 SeenKeys: a key is a row's group in the high 32 bits and its position in the low 32,
 exact. Most keys of a log are new, so the set answers "new" cheaply first: a bitmap
@@ -41,26 +43,26 @@ class Streams:
         return table[pair]
 
 
-class SeenRoutes:
-    """Which rows of each chunk are new: the watermark proof, else the exact set."""
+class OutOfOrder(Exception):
+    """A batch the watermark cannot prove new: read again with the exact set."""
 
-    def __init__(self) -> None:
+
+class SeenRoutes:
+    """Which rows of each batch are new: the watermark proof, or with ``exact`` the set
+    of every key."""
+
+    def __init__(self, exact: bool = False) -> None:
         self.top = np.zeros(0, np.int64)  # [groups] highest position seen; -1: none
-        self.kept: list[np.ndarray] = []  # every key so far, until the exact set is needed
-        self.exact: SeenKeys | None = None
+        self.exact = SeenKeys() if exact else None
 
     def add_new(self, group: np.ndarray, position: np.ndarray) -> np.ndarray:
-        """True for the rows not seen before (nor earlier in this chunk): ``group`` [n] a
+        """True for the rows not seen before (nor earlier in this batch): ``group`` [n] a
         dense id of (request, sample, layer), ``position`` [n] its token_idx."""
-        keys = (group.astype(np.uint64) << np.uint64(32)) | (position.astype(np.int64) & 0xFFFFFFFF).astype(np.uint64)
         if self.exact is None:
             if self._all_new(group, position.astype(np.int64, copy=False)):
-                self.kept.append(keys)
-                return np.ones(len(keys), bool)
-            self.exact = SeenKeys()
-            if self.kept:
-                self.exact.add_new(np.concatenate(self.kept))  # distinct: each chunk was proved so
-            self.kept = []
+                return np.ones(len(group), bool)
+            raise OutOfOrder
+        keys = (group.astype(np.uint64) << np.uint64(32)) | (position.astype(np.int64) & 0xFFFFFFFF).astype(np.uint64)
         return self.exact.add_new(keys)
 
     def _all_new(self, group: np.ndarray, position: np.ndarray) -> bool:

@@ -7,7 +7,7 @@ if [ ! -f /tmp/fork-site/vllm/model_executor/layers/fused_moe/route_logger.py ];
   rm -rf /tmp/fork-site && mkdir -p /tmp/fork-site && cp -a /tmp/site/vllm /tmp/fork-site/
   python3 fork/build.py --onto /tmp/fork-site --version 0.26.0 >/dev/null
 fi
-if [ -d .whl ] && ! python3 -c "import pytest" 2>/dev/null; then
+if [ -d .whl ] && ! python3 -c "import pytest, duckdb" 2>/dev/null; then  # the tests; analysis/ reads logs with duckdb
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
 export STOCK_VLLM_PYTHONPATH=/tmp/site

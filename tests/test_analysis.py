@@ -79,8 +79,8 @@ def test_repeated_lines_count_once_across_chunks(tmp_path):
     routes = [("a", t, 0, (t % 8, (t + 1) % 8), (0.5, 0.5)) for t in range(40)]
     routes += routes[5:9] + [("a", 3, 0, (0, 1), (0.5, 0.5))]
     path = write_log(tmp_path / "d.jsonl", meta(), {"a": 10}, routes)
-    for chunk in (150, 1 << 20):
-        log = read_log(path, chunk_bytes=chunk)
+    for chunk in (2, 1 << 20):
+        log = read_log(path, batch_rows=chunk)
         assert (log.records, log.duplicates) == (45, 5)
         assert layer_stats(log, 0)["tokens"] == 40
         assert layer_stats(log, 0)["shares"] == [0.125] * 8
@@ -91,7 +91,7 @@ def test_truncated_last_line_is_reported_not_fatal(tmp_path):
     path = write_log(tmp_path / "t.jsonl", meta(), {"a": 8}, routes, end=False)
     data = path.read_bytes()
     path.write_bytes(data[:-30])
-    log = read_log(path, chunk_bytes=200)
+    log = read_log(path, batch_rows=3)
     assert log.records == 15 and len(log.truncated_tail) > 0 and log.end is None
     assert any("unfinished" in n for n in log.notes) and any("had not closed the log" in n for n in log.notes)
     assert "1 of 1 requests (or samples) have no 'request_end': they were running where the log stops" in log.notes
@@ -117,7 +117,7 @@ def test_malformed_logs_name_the_line(tmp_path, corrupt, message):
     path = write_log(tmp_path / "m.jsonl", meta(), {"a": 2}, routes)
     path.write_text("\n".join(corrupt(path.read_text().splitlines())) + "\n")
     with pytest.raises(LogFormatError, match=message):
-        read_log(path, chunk_bytes=180)
+        read_log(path, batch_rows=3)
 
 
 def test_note_and_cli(tmp_path, capsys):
@@ -187,7 +187,7 @@ def test_a_log_in_the_seed_schema_is_analysed(tmp_path, capsys):
         f.write('{"type":"route","req_id":7,"token_idx":0,"layer":0,"topk_ids":[3,20],"topk_weights":[0.6,0.4],"x":1}\n'
                 '{"type":"heartbeat","at":5}\n'
                 '{"type":"route","req_id":"r1","token_idx":17,"layer":0,"topk_ids":[3,12],"topk_weights":[0.72,0.28]}\n')
-    log = read_log(path, chunk_bytes=120)
+    log = read_log(path, batch_rows=2)
     assert (log.records, log.duplicates, log.meta["num_experts"], log.unknown_types) == (3, 1, 21, {"heartbeat": 1})
     assert stats.main([str(path), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
@@ -254,8 +254,8 @@ def test_token_specialisation_joins_token_ids_given_once_per_request(tmp_path):
               {"type": "end", "route_records": 11}]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    for chunk in (1 << 20, 150):
-        log = read_log(path, chunk_bytes=chunk)
+    for chunk in (1 << 20, 2):
+        log = read_log(path, batch_rows=chunk)
         got = {(r.expert, r.token): r.count for r in log.token_counts.itertuples()}
         assert got == {(0, 100): 3, (0, 101): 1, (0, 200): 1, (1, 102): 1, (1, 301): 1,
                        (2, 201): 1, (3, 103): 2, (3, 300): 1}, chunk
@@ -292,8 +292,8 @@ def test_pairs_and_windows_match_a_plain_count_whatever_the_chunks(tmp_path):
         for n, first in enumerate(range(0, len(rows), 7)):
             counts = np.bincount(np.ravel(rows[first:first + 7]), minlength=6)
             windows.append((layer, n, len(rows[first:first + 7]), counts.max() / counts.mean()))
-    for chunk in (300, 2000, 1 << 20):
-        log = read_log(path, chunk_bytes=chunk, window=7)
+    for chunk in (3, 17, 1 << 20):
+        log = read_log(path, batch_rows=chunk, window=7)
         assert {(r.layer, r.a, r.b): r.count for r in log.pairs.itertuples()} == pairs, chunk
         assert sorted(log.windows.itertuples(index=False, name=None)) == windows, chunk
 
@@ -308,15 +308,15 @@ def test_summed_weights_are_exact_whatever_the_chunks(tmp_path):
     routes = [("a", t, 0, (t % 7, 7), (float(texts[t]), 0.5)) for t in range(300)]
     path = write_log(tmp_path / "s.jsonl", meta(), {"a": 300}, routes)
     exact = [float(sum((Decimal(texts[t]) for t in range(300) if t % 7 == e), Decimal(0))) for e in range(7)]
-    for chunk in (200, 1000, 1 << 20):
-        loads = read_log(path, chunk_bytes=chunk).loads
+    for chunk in (2, 9, 1 << 20):
+        loads = read_log(path, batch_rows=chunk).loads
         weight = loads[loads["phase"] == "prompt"].set_index("expert")["weight"]
         assert weight.tolist()[:7] == exact and weight[7] == 150.0, chunk
 
 
-def seen_routes_against_a_set(chunks) -> SeenRoutes:
+def seen_routes_against_a_set(chunks, exact=False) -> SeenRoutes:
     """Feeds (group, position) chunks to SeenRoutes and checks every answer against a set."""
-    seen, reference = SeenRoutes(), set()
+    seen, reference = SeenRoutes(exact), set()
     for group, position in chunks:
         group, position = np.asarray(group, np.int64), np.asarray(position, np.int64)
         expected = []
@@ -329,7 +329,7 @@ def seen_routes_against_a_set(chunks) -> SeenRoutes:
 
 def test_seen_routes_prove_growing_chunks_new_without_a_set():
     """Groups interleaved, each one's positions growing from chunk to chunk (not within
-    one: a chunk may hold a group's positions in any order): no exact set is built."""
+    one: a chunk may hold a group's positions in any order): no key is kept."""
     rng = np.random.default_rng(1)
     chunks = []
     for start in range(0, 60, 12):
@@ -338,7 +338,7 @@ def test_seen_routes_prove_growing_chunks_new_without_a_set():
         order = rng.permutation(60)
         chunks.append((group[order], position[order]))
     seen = seen_routes_against_a_set(chunks)
-    assert seen.exact is None and len(seen.kept) == 5
+    assert seen.exact is None and seen.top.tolist() == [59] * 5
 
 
 @pytest.mark.parametrize("late", [
@@ -347,10 +347,13 @@ def test_seen_routes_prove_growing_chunks_new_without_a_set():
     ([1], [3]),                   # going back to one it never had: new, but only a set can tell
     ([2, 0], [10_000, 12]),       # a span too sparse for the chunk's count
 ])
-def test_seen_routes_turn_exact_when_a_chunk_breaks_the_proof(late):
-    early = [([0] * 12 + [1] * 4, list(range(12)) + [0, 1, 2, 5])]
-    seen = seen_routes_against_a_set(early + [late, ([0, 1, 2], [13, 6, 3]), ([0, 0], [13, 14])])
-    assert seen.exact is not None and not seen.kept
+def test_seen_routes_ask_for_the_exact_set_when_a_chunk_breaks_the_proof(late):
+    from analysis.seen_keys import OutOfOrder
+
+    chunks = [([0] * 12 + [1] * 4, list(range(12)) + [0, 1, 2, 5]), late, ([0, 1, 2], [13, 6, 3]), ([0, 0], [13, 14])]
+    with pytest.raises(OutOfOrder):
+        seen_routes_against_a_set(chunks)
+    assert seen_routes_against_a_set(chunks, exact=True).exact is not None
 
 
 def test_seen_keys_tell_new_keys_exactly_across_chunks(monkeypatch):
@@ -419,6 +422,7 @@ GOOD = {"type": "route", "req_id": "a", "token_idx": 0, "layer": 0, "topk_ids": 
     ({"topk_weights": [1e300, 0.5]}, "topk_weights must lie in [0, 1], got [1e+300, 0.5]"),
     ({"token_idx": 1 << 32}, "token_idx outside 0..2147483647"),
     ({"token_idx": -1}, "token_idx outside 0..2147483647"),
+    ({"topk_ids": [3, 3]}, "topk_ids names an expert twice: [3, 3]"),
 ])
 def test_bad_values_stop_the_reading_with_their_line(tmp_path, change, message):
     """Line 4 of 5: a value no writer gives is named, never turned into a number."""
@@ -537,7 +541,7 @@ def test_streamed_neighbours_equal_duckdb_joins_in_any_order(tmp_path):
     assert convert.main([str(ordered), str(tmp_path / "o.parquet")]) == 0
 
     def sequence(path, chunk=1 << 20, joined=False):
-        log = read_log(path) if Path(path).is_dir() else read_log(path, chunk_bytes=chunk)
+        log = read_log(path) if Path(path).is_dir() else read_log(path, batch_rows=chunk)
         rep = stats.report(log, list(layers), weighted=False)
         if joined:
             log.neighbours = copy.copy(log.neighbours)
@@ -548,8 +552,21 @@ def test_streamed_neighbours_equal_duckdb_joins_in_any_order(tmp_path):
     unordered, overlap, affinity = sequence(ordered)
     assert unordered == 0 and [a["positions"] for a in affinity] == [19 + 23] * 2  # a: 8 + 11, b: 4 + 8 + 11
     assert sequence(ordered, joined=True)[1:] == (overlap, affinity)
-    for chunk in (300, 2000):
+    for chunk in (2, 13):
         assert sequence(ordered, chunk) == (0, overlap, affinity)
     assert sequence(tmp_path / "o.parquet") == (0, overlap, affinity)
-    unordered, *rest = sequence(shuffled, 2000)
+    unordered, *rest = sequence(shuffled, 13)
     assert unordered > 0 and rest == [overlap, affinity]
+
+
+def test_a_conflicting_repeat_is_named_in_a_note(tmp_path):
+    """Same key, other experts: the first record counts, and the note says the log is not
+    one engine's; an identical repeat only counts once."""
+    lines = [meta(), GOOD, {**GOOD, "token_idx": 1}, {**GOOD, "token_idx": 1, "topk_ids": [4, 5]}, GOOD]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    log = read_log(path)
+    assert (log.records, log.duplicates) == (4, 2) and layer_stats(log, 0)["tokens"] == 2
+    assert ("2 repeated route records were counted once (the first of each key); 1 key(s) were logged with "
+            "different experts or weights: not one engine's log (shards of different runs merged?)") in log.notes
+    assert expert_shares(log.loads, 0)[1] == 0.5

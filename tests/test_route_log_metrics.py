@@ -66,9 +66,10 @@ def scripted(path, directory, granularity="expert"):
 
     directory.mkdir()
     logger = metrics_logger(path, directory, granularity, {"block_size": 4})
-    step(logger, new=[request("a", 10, 0, [3, 7])], batch=[("a", 0, 8)], value=1)
-    step(logger, batch=[("a", 8, 2)], value=2, cached=cached_reqs(a=([8],)))
-    step(logger, new=[request("b", 10, 8, [3, 7, 4])], batch=[("b", 8, 2)], value=3)
+    # Experts (value, position): values above the positions, so that no record names one twice.
+    step(logger, new=[request("a", 10, 0, [3, 7])], batch=[("a", 0, 8)], value=501)
+    step(logger, batch=[("a", 8, 2)], value=502, cached=cached_reqs(a=([8],)))
+    step(logger, new=[request("b", 10, 8, [3, 7, 4])], batch=[("b", 8, 2)], value=503)
     logger.close()
 
 

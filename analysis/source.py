@@ -1,0 +1,152 @@
+"""DuckDB reads a JSONL route log's records (a whole log, or a parquet log's
+records.jsonl), in the log's order, as Arrow record batches. Everything after the read
+(checks, de-duplication, counting) is logfile.LogReader's.
+
+JSONL is read with ``ignore_errors``: a line DuckDB cannot read becomes a row of
+nulls in its place, so one pass reads a log, and an unfinished last line (a crash)
+or a malformed one in the middle is found by its row. Blank lines are skipped by
+DuckDB, so a row's line number is counted from the file only when an error needs it
+(``line_of_row``).
+"""
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+BATCH_ROWS = 1 << 20
+# The fields the reader uses, as DuckDB reads them. Route keys and ids are read as
+# JSON and typed in SQL, with a `suspect` flag where a value is not a whole number
+# (DuckDB's own casts would read "0" or 1.5 as a number); other fields are typed as
+# the writer writes them.
+JSONL_COLUMNS = {
+    "type": "VARCHAR", "req_id": "JSON", "sample": "JSON", "token_idx": "JSON", "layer": "JSON",
+    "topk_ids": "JSON[]", "topk_weights": "DOUBLE[]", "cached": "BOOLEAN",
+    "prompt_len": "BIGINT", "prompt_token_ids": "BIGINT[]", "generated_token_ids": "BIGINT[]",
+    "routed_positions": "BIGINT",
+    "first_token_idx": "BIGINT", "last_token_idx": "BIGINT", "layers": "BIGINT[]",  # gap
+    "file": "VARCHAR", "rows": "BIGINT", "closed_at": "VARCHAR",  # part
+    "final": "BOOLEAN", "ended_at": "VARCHAR", "write_error": "VARCHAR", "front_end_exited": "BOOLEAN",  # end
+}
+WHOLE = "('UBIGINT', 'BIGINT')"
+TYPED = f"""
+    req_id ->> '$' AS req_id,
+    TRY_CAST(sample AS BIGINT) AS sample, TRY_CAST(token_idx AS BIGINT) AS token_idx,
+    TRY_CAST(layer AS BIGINT) AS layer, TRY_CAST(topk_ids AS BIGINT[]) AS topk_ids,
+    coalesce(json_type(req_id) NOT IN ('VARCHAR', 'UBIGINT', 'BIGINT')
+             OR json_type(sample) NOT IN ('UBIGINT', 'BIGINT', 'NULL') OR json_type(token_idx) NOT IN {WHOLE}
+             OR json_type(layer) NOT IN {WHOLE}
+             OR NOT list_bool_and(list_transform(topk_ids, lambda x: json_type(x) IN {WHOLE})), false) AS suspect"""
+
+
+def _connection() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute("SET preserve_insertion_order = true")  # the log's order: windows, token counts, first sightings
+    return con
+
+
+def read_ahead(batches: Iterator) -> Iterator:
+    """The batches, the next one made on a second thread (DuckDB's read, Arrow's parquet
+    decoding: the GIL released) while the caller counts this one."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        upcoming = pool.submit(next, batches, None)
+        while (batch := upcoming.result()) is not None:
+            upcoming = pool.submit(next, batches, None)
+            yield batch
+
+
+def _rows(relation: duckdb.DuckDBPyRelation, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    for batch in read_ahead(relation.to_arrow_reader(BATCH_ROWS)):
+        for at in range(0, batch.num_rows, batch_rows):
+            yield batch.slice(at, batch_rows)
+
+
+def jsonl_batches(path: str | Path, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """Every non-blank line of ``path``, the meta line first; a line that is not a JSON
+    object, or whose field a column cannot hold, gives nulls; a route key or id that is
+    not a whole number sets ``suspect``."""
+    con = _connection()
+    columns = "{" + ", ".join(f"'{k}': '{v}'" for k, v in JSONL_COLUMNS.items()) + "}"
+    keys = ("req_id", "sample", "token_idx", "layer", "topk_ids")
+    others = ", ".join(k for k in JSONL_COLUMNS if k not in keys)
+    relation = con.sql(f"SELECT {others}, {TYPED} FROM read_json(?, format='newline_delimited', "
+                       f"columns={columns}, ignore_errors=true)", params=[str(path)])
+    yield from _rows(relation, batch_rows)
+
+
+def conflicting_repeats(path: str | Path) -> int:
+    """Keys (req_id, sample, token_idx, layer) logged more than once with different
+    experts or weights: a second pass over the log, made only when it repeats keys."""
+    path = Path(path)
+    if path.is_dir():
+        from analysis.route_format import PARQUET_ROUTES
+
+        source = f"read_parquet('{path / PARQUET_ROUTES}/*.parquet')"
+        routes = f"SELECT req_id::VARCHAR AS req_id, sample, token_idx, layer, topk_ids, topk_weights FROM {source}"
+    else:
+        columns = "{type: 'VARCHAR', req_id: 'VARCHAR', sample: 'BIGINT', token_idx: 'BIGINT', layer: 'BIGINT', " \
+                  "topk_ids: 'BIGINT[]', topk_weights: 'DOUBLE[]'}"
+        routes = (f"SELECT * FROM read_json('{path}', format='newline_delimited', columns={columns}, "
+                  "ignore_errors=true) WHERE type = 'route'")
+    return duckdb.sql(f"""SELECT count(*) FROM (SELECT 1 FROM ({routes})
+        GROUP BY req_id, sample, token_idx, layer
+        HAVING count(DISTINCT (topk_ids, topk_weights)) > 1)""").fetchall()[0][0]
+
+
+def unfinished_tail(path: str | Path) -> bytes:
+    """The bytes after the last newline: a line the writer had not finished."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        tail = b""
+        while size:
+            step = min(size, 1 << 16)
+            size -= step
+            f.seek(size)
+            tail = f.read(step) + tail
+            if b"\n" in tail:
+                return tail[tail.rfind(b"\n") + 1:]
+        return tail
+
+
+def last_line(path: str | Path) -> bytes:
+    """The last complete, non-blank line (an unfinished one after it left out)."""
+    with open(path, "rb") as f:
+        end = f.seek(0, 2)
+        text = b""
+        while end:
+            step = min(end, 1 << 16)
+            end -= step
+            f.seek(end)
+            text = f.read(step) + text
+            lines = [line for line in text[: text.rfind(b"\n")].split(b"\n") if line.strip()]
+            if len(lines) > 1 or (lines and not end):
+                return lines[-1]
+        raise ValueError(f"{path}: no complete line")
+
+
+def line_of_row(path: str | Path, row: int) -> tuple[int, bytes]:
+    """The line number and text of DuckDB's row ``row`` (0: the first non-blank line)."""
+    seen = -1
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                seen += 1
+                if seen == row:
+                    return number, line.rstrip(b"\n")
+    raise IndexError(row)
+
+
+def why_unreadable(line: bytes) -> str:
+    """What is wrong with a line DuckDB could not read (or read only in part)."""
+    from analysis.logfile import wrong_field
+
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        return f"not valid JSON ({e})"
+    if not isinstance(record, dict) or "type" not in record:
+        return "not a record with a 'type'"
+    return wrong_field(record) or "unreadable"
