@@ -96,35 +96,37 @@ def conflicting_repeats(path: str | Path) -> int:
         HAVING count(DISTINCT (topk_ids, topk_weights)) > 1)""").fetchall()[0][0]
 
 
-def unfinished_tail(path: str | Path) -> bytes:
-    """The bytes after the last newline: a line the writer had not finished."""
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        tail = b""
-        while size:
-            step = min(size, 1 << 16)
-            size -= step
-            f.seek(size)
-            tail = f.read(step) + tail
-            if b"\n" in tail:
-                return tail[tail.rfind(b"\n") + 1:]
-        return tail
-
-
-def last_line(path: str | Path) -> bytes:
-    """The last complete, non-blank line (an unfinished one after it left out)."""
+def _from_the_end(path: str | Path, enough) -> bytes:
+    """The file's last bytes, read backwards 64 KiB at a time until ``enough(text)``
+    (or the whole file)."""
     with open(path, "rb") as f:
         end = f.seek(0, 2)
         text = b""
-        while end:
+        while end and not enough(text):
             step = min(end, 1 << 16)
             end -= step
             f.seek(end)
             text = f.read(step) + text
-            lines = [line for line in text[: text.rfind(b"\n")].split(b"\n") if line.strip()]
-            if len(lines) > 1 or (lines and not end):
-                return lines[-1]
+        return text
+
+
+def _complete_lines(text: bytes) -> list[bytes]:
+    return [line for line in text[: text.rfind(b"\n") + 1].split(b"\n") if line.strip()]
+
+
+def unfinished_tail(path: str | Path) -> bytes:
+    """The bytes after the last newline: a line the writer had not finished."""
+    text = _from_the_end(path, lambda text: b"\n" in text)
+    return text[text.rfind(b"\n") + 1:]
+
+
+def last_line(path: str | Path) -> bytes:
+    """The last complete, non-blank line (an unfinished one after it left out); the
+    first of the lines read back may be cut, so a second one is read before it."""
+    lines = _complete_lines(_from_the_end(path, lambda text: len(_complete_lines(text)) > 1))
+    if not lines:
         raise ValueError(f"{path}: no complete line")
+    return lines[-1]
 
 
 def line_of_row(path: str | Path, row: int) -> tuple[int, bytes]:

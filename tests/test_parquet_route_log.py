@@ -154,15 +154,21 @@ def test_an_engine_writes_a_parquet_log_that_matches_the_oracle(models, tmp_path
     assert stats.report(parquet, [0, 1, 2, 3], weighted=False) == stats.report(jsonl, [0, 1, 2, 3], weighted=False)
 
 
-def test_the_documented_ep_balance_query_equals_the_stats(tmp_path, capsys):
-    """docs/parquet.md's DuckDB query, on a parquet log of 16 experts and 4 ranks."""
-    rng = np.random.default_rng(3)
+def skewed_parquet_log(tmp_path, seed: int) -> None:
+    """log.parquet: 500 positions at layers 0 and 2, top-2 of 16 experts, expert e chosen
+    in proportion to e + 1."""
+    rng = np.random.default_rng(seed)
     lines = [{"type": "meta", "schema": 1, "layers_logged": [0, 2], "top_k": 2, "num_experts": 16}]
     lines += [{"type": "route", "req_id": f"r{t // 50}", "token_idx": t % 50, "layer": layer,
                "topk_ids": [int(e) for e in rng.choice(16, 2, replace=False, p=np.arange(1, 17) / 136)],
                "topk_weights": [0.6, 0.4]} for t in range(500) for layer in (0, 2)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     convert(tmp_path / "log.jsonl", tmp_path / "log.parquet")
+
+
+def test_the_documented_ep_balance_query_equals_the_stats(tmp_path, capsys):
+    """docs/parquet.md's DuckDB query, on a parquet log of 16 experts and 4 ranks."""
+    skewed_parquet_log(tmp_path, seed=3)
     query = f"""
         WITH load AS (SELECT layer, expert, count(*) AS tokens
                       FROM (SELECT layer, unnest(topk_ids) AS expert
@@ -182,13 +188,7 @@ def test_the_documented_dask_queries_on_a_local_cluster_equal_the_stats(tmp_path
     import dask.dataframe as dd
     from dask.distributed import Client, LocalCluster
 
-    rng = np.random.default_rng(4)
-    lines = [{"type": "meta", "schema": 1, "layers_logged": [0, 2], "top_k": 2, "num_experts": 16}]
-    lines += [{"type": "route", "req_id": f"r{t // 50}", "token_idx": t % 50, "layer": layer,
-               "topk_ids": [int(e) for e in rng.choice(16, 2, replace=False, p=np.arange(1, 17) / 136)],
-               "topk_weights": [0.6, 0.4]} for t in range(500) for layer in (0, 2)]
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    convert(tmp_path / "log.jsonl", tmp_path / "log.parquet")
+    skewed_parquet_log(tmp_path, seed=4)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster):
         routes = dd.read_parquet(tmp_path / "log.parquet" / "routes", columns=["layer", "topk_ids"])
