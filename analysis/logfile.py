@@ -26,7 +26,8 @@ from analysis.log_format import (PHASES, TOKEN_LAYERS, WEIGHT_UNITS, LogFormatEr
                                  records_of, weight_units)
 from analysis.neighbours import Neighbours
 from analysis.seen_keys import OutOfOrder, SeenRoutes, Streams
-from analysis.source import BATCH_ROWS, conflicting_repeats, jsonl_batches, last_line, line_of_row, unfinished_tail, why_unreadable
+from analysis.source import (BATCH_ROWS, conflicting_repeats, jsonl_batches, last_line, line_of_row, unfinished_tail,
+                             why_unreadable)
 from analysis.tokens import TokenCounts
 
 
