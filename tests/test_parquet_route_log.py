@@ -33,11 +33,12 @@ def scripted_run(path: Path) -> None:
     """Block size 4: two samples of one request, a prefix-cache hit replayed, one that
     no forward computed (a 'gap'), and a request still open at close."""
     logger = make_logger(path, block_store={"block_size": 4})
+    # Experts (value, position): values above the positions, so that no record names one twice.
     step(logger, new=[request("a", 10, 0, [3, 7]), request("p", 3, 0, [1], 0), request("p", 3, 0, [2], 1)],
-         batch=[("a", 0, 8), ("0_p", 0, 3), ("1_p", 0, 3)], value=1)
-    step(logger, batch=[("a", 8, 2), ("0_p", 3, 1), ("1_p", 3, 1)], value=2, cached=cached_reqs(a=([8],)))
+         batch=[("a", 0, 8), ("0_p", 0, 3), ("1_p", 0, 3)], value=501)
+    step(logger, batch=[("a", 8, 2), ("0_p", 3, 1), ("1_p", 3, 1)], value=502, cached=cached_reqs(a=([8],)))
     step(logger, new=[request("b", 10, 8, [3, 7, 4]), request("e", 6, 4, [6, 10])],
-         finished=["0_p", "1_p"], batch=[("b", 8, 2), ("e", 4, 2)], value=3)
+         finished=["0_p", "1_p"], batch=[("b", 8, 2), ("e", 4, 2)], value=503)
     logger.close()
 
 
@@ -104,10 +105,10 @@ def test_a_killed_writer_leaves_every_closed_part_readable(tmp_path):
     and the reader says where the routes stop."""
     path = tmp_path / "log.parquet"
     logger = make_logger(path)
-    step(logger, new=[new_request("a")], batch=[("a", 0, 5)])
+    step(logger, new=[new_request("a")], batch=[("a", 0, 5)], value=500)
     step(logger, finished=["a"])
     wait_until(lambda: len(part_files(path)) == 1, 30, "the first part to close")
-    step(logger, new=[new_request("b")], batch=[("b", 0, 5)])
+    step(logger, new=[new_request("b")], batch=[("b", 0, 5)], value=500)
     wait_until(lambda: b'"req_id":"b"' in (path / "records.jsonl").read_bytes(), 30, "b's request record")
     (path / "routes" / ".part-000001.parquet.tmp").write_bytes(b"PAR1 half a file")
     os.kill(logger.channel.proc.pid, signal.SIGKILL)
