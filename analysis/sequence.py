@@ -17,10 +17,8 @@ from pathlib import Path
 import duckdb
 
 from analysis.neighbours import mean_jaccard
-from analysis.route_format import PARQUET_ROUTES
+from analysis.source import route_rows
 
-JSON_COLUMNS = ("{type: 'VARCHAR', req_id: 'VARCHAR', sample: 'BIGINT', token_idx: 'BIGINT', layer: 'BIGINT', "
-                "topk_ids: 'INTEGER[]', topk_weights: 'DOUBLE[]'}")
 TOP_TRANSITIONS = 5
 MEMORY_LIMIT = "512MB"  # DuckDB's own; past it, joins and tables spill to disk
 
@@ -28,20 +26,12 @@ MEMORY_LIMIT = "512MB"  # DuckDB's own; past it, joins and tables spill to disk
 def _records(path: Path, num_experts: int, distinct: bool) -> str:
     """The log's route records, narrowed, as a SQL query; ``distinct``: the log repeats
     some (the reader counted duplicates), keep one of each."""
-    if path.is_dir():
-        source = f"read_parquet('{path / PARQUET_ROUTES}/*.parquet')"
-        routes = (f"SELECT req_id::VARCHAR AS req_id, sample, token_idx, layer, topk_ids::INTEGER[] AS topk_ids, "
-                  f"topk_weights FROM {source}")
-    else:  # the reader has validated every line but an unfinished last one
-        source = (f"read_json('{path}', format = 'newline_delimited', columns = {JSON_COLUMNS}, "
-                  "ignore_errors = true)")
-        routes = f"SELECT req_id, sample, token_idx, layer, topk_ids, topk_weights FROM {source} WHERE type = 'route'"
     # Expert e sets bit e % 64 of mask word e // 64: Jaccard by bit counts, no list work per pair.
     masks = ", ".join(
         f"list_reduce(list_transform(topk_ids, lambda e: CASE WHEN e // 64 = {w} THEN 1::UBIGINT << (e % 64) "
         f"ELSE 0::UBIGINT END), lambda a, b: a | b) AS m{w}" for w in range(_words(num_experts)))
     narrow = (f"SELECT hash(req_id, coalesce(sample, -1)) AS q, token_idx, layer, {masks}, "
-              f"topk_ids[list_position(topk_weights, list_max(topk_weights))] AS top1 FROM ({routes})")
+              f"topk_ids[list_position(topk_weights, list_max(topk_weights))] AS top1 FROM ({route_rows(path)})")
     return f"SELECT DISTINCT ON (q, token_idx, layer) * FROM ({narrow})" if distinct else narrow
 
 

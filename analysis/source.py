@@ -17,6 +17,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from analysis.route_format import PARQUET_ROUTES
+
 BATCH_ROWS = 1 << 20
 # The fields the reader uses, as DuckDB reads them. Route keys and ids are read as
 # JSON and typed in SQL, with a `suspect` flag where a value is not a whole number
@@ -77,21 +79,25 @@ def jsonl_batches(path: str | Path, batch_rows: int = BATCH_ROWS) -> Iterator[pa
     yield from _rows(relation, batch_rows)
 
 
+def route_rows(path: str | Path) -> str:
+    """A SQL query of a log's route rows (req_id, sample, token_idx, layer, topk_ids,
+    topk_weights), JSONL or parquet, for the passes that join records: read as typed,
+    since the reader has named every bad line before them."""
+    path = Path(path)
+    if path.is_dir():
+        source = f"read_parquet('{path / PARQUET_ROUTES}/*.parquet')"
+        return (f"SELECT req_id::VARCHAR AS req_id, sample, token_idx, layer, topk_ids::INTEGER[] AS topk_ids, "
+                f"topk_weights FROM {source}")
+    columns = ("{type: 'VARCHAR', req_id: 'VARCHAR', sample: 'BIGINT', token_idx: 'BIGINT', layer: 'BIGINT', "
+               "topk_ids: 'INTEGER[]', topk_weights: 'DOUBLE[]'}")
+    return (f"SELECT req_id, sample, token_idx, layer, topk_ids, topk_weights FROM read_json('{path}', "
+            f"format = 'newline_delimited', columns = {columns}, ignore_errors = true) WHERE type = 'route'")
+
+
 def conflicting_repeats(path: str | Path) -> int:
     """Keys (req_id, sample, token_idx, layer) logged more than once with different
     experts or weights: a second pass over the log, made only when it repeats keys."""
-    path = Path(path)
-    if path.is_dir():
-        from analysis.route_format import PARQUET_ROUTES
-
-        source = f"read_parquet('{path / PARQUET_ROUTES}/*.parquet')"
-        routes = f"SELECT req_id::VARCHAR AS req_id, sample, token_idx, layer, topk_ids, topk_weights FROM {source}"
-    else:
-        columns = "{type: 'VARCHAR', req_id: 'VARCHAR', sample: 'BIGINT', token_idx: 'BIGINT', layer: 'BIGINT', " \
-                  "topk_ids: 'BIGINT[]', topk_weights: 'DOUBLE[]'}"
-        routes = (f"SELECT * FROM read_json('{path}', format='newline_delimited', columns={columns}, "
-                  "ignore_errors=true) WHERE type = 'route'")
-    return duckdb.sql(f"""SELECT count(*) FROM (SELECT 1 FROM ({routes})
+    return duckdb.sql(f"""SELECT count(*) FROM (SELECT 1 FROM ({route_rows(path)})
         GROUP BY req_id, sample, token_idx, layer
         HAVING count(DISTINCT (topk_ids, topk_weights)) > 1)""").fetchall()[0][0]
 
