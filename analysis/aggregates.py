@@ -32,9 +32,9 @@ class Aggregates:
         self.partial = np.pad(self.partial, ((0, 0), (0, extra)))
         self.num_experts = num_experts
 
-    def add_sums(self, slot: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+    def add_sums(self, slot: np.ndarray, ids: np.ndarray, weights: np.ndarray, top1_weight: np.ndarray) -> None:
         """Pairs and histograms of distinct route records, in any order: layer slot [n];
-        ids, weights [n, top_k]. One bincount per aggregate over all layers at once (cell
+        ids, weights [n, top_k]; the largest weight of each row [n]. One bincount per aggregate over all layers at once (cell
         = slot, then value). Touches none of what add_windows does (another thread's)."""
         e, layers, k = self.num_experts, len(self.layers), ids.shape[1]
         slot = slot.astype(np.int64, copy=False)
@@ -50,7 +50,7 @@ class Aggregates:
                 row += 1
         self.pairs += np.bincount(cells.ravel(), minlength=layers * e * e).reshape(layers, e, e)
         base = slot * BINS
-        self.top1 += _histogram(base, _across(np.maximum, weights), layers)
+        self.top1 += _histogram(base, top1_weight.astype(np.float64), layers)
         self.mass += _histogram(base, _across(np.add, weights), layers)
 
     def add_windows(self, slot: np.ndarray, ids: np.ndarray) -> None:

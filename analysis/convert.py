@@ -35,7 +35,7 @@ def to_parquet(src: Path, dst: Path) -> dict:
         parquet = format_meta("parquet")  # converted parts close by rows only
         meta = {**meta, **{k: parquet[k] for k in ("format", "routes", "part_rows")}}
         records.write(_line(meta))
-        parts = _Parts(dst, meta)
+        parts = _Parts(dst, meta, records)
         end, tail = None, b""
         while chunk := f.read(CHUNK_BYTES):
             block = tail + chunk
@@ -51,8 +51,7 @@ def to_parquet(src: Path, dst: Path) -> dict:
                 elif kind != "part":  # the source's parts are not this log's
                     records.write(line)
             parts.add(table)
-        for record in parts.close():
-            records.write(_line(record))
+        parts.write()
         if end is not None:
             records.write(end)
     return {"parts": parts.count, "route_records": parts.total, "truncated_tail_bytes": len(tail)}
@@ -93,11 +92,12 @@ def _renamed_shards(meta: dict, src: Path, dst: Path) -> dict:
 
 
 class _Parts:
-    """Route rows of a JSONL log, written as parquet parts of PART_ROWS rows."""
+    """Route rows of a JSONL log, written as parquet parts of PART_ROWS rows, each named
+    by a 'part' record in ``records`` after the records written so far, as the engine's
+    writer orders them (analysis.parquet_log reads each part where its record is)."""
 
-    def __init__(self, dst: Path, meta: dict):
-        self.dst, self.batches, self.rows, self.count, self.total = dst, [], 0, 0, 0
-        self.records: list[dict] = []
+    def __init__(self, dst: Path, meta: dict, records):
+        self.dst, self.records, self.batches, self.rows, self.count, self.total = dst, records, [], 0, 0, 0
         num_experts = meta.get("num_experts", 1 << 15)
         self.id_type = id_type(num_experts)
 
@@ -125,15 +125,12 @@ class _Parts:
         table = table.take(pa.array(np.argsort(table["layer"].to_numpy(), kind="stable")))
         name = part_name(self.count)
         pq.write_table(table, self.dst / ROUTES / name, **PARQUET_OPTIONS)
-        self.records.append({"type": "part", "file": f"{ROUTES}/{name}", "rows": self.rows,
-                             "bytes": (self.dst / ROUTES / name).stat().st_size})
+        self.records.write(_line({"type": "part", "file": f"{ROUTES}/{name}", "rows": self.rows,
+                                  "bytes": (self.dst / ROUTES / name).stat().st_size}))
         self.total += self.rows
         self.count += 1
         self.batches, self.rows = [], 0
 
-    def close(self) -> list[dict]:
-        self.write()
-        return self.records
 
 
 def route_lines(batch: pa.RecordBatch, decimals: int = 9) -> bytes:

@@ -86,11 +86,6 @@ def _parse(block: bytes, cut: int) -> pa.Table:
         explicit_schema=COLUMNS, unexpected_field_behavior="ignore"))
 
 
-def finite(weights: np.ndarray) -> np.ndarray:
-    """Weights with NaN and infinities as 0 (the writer's null); one sum checks them all."""
-    return weights if np.isfinite(weights.sum()) else np.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
-
-
 WEIGHT_UNITS = 10.0**WEIGHT_DECIMALS  # weights are summed in the writer's last decimal's units
 
 

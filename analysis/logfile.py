@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 
 from analysis.aggregates import WINDOW, Aggregates
 from analysis.heap import keep_freed_memory
-from analysis.log_format import (PHASES, TOKEN_LAYERS, WEIGHT_UNITS, LogFormatError, RouteLog, finite, read_meta,
+from analysis.log_format import (PHASES, TOKEN_LAYERS, WEIGHT_UNITS, LogFormatError, RouteLog, read_meta,
                                  records_of, weight_units)
-from analysis.neighbours import Neighbours
+from analysis.neighbours import Neighbours, expert_masks, top_choice
 from analysis.seen_keys import OutOfOrder, SeenRoutes, Streams
 from analysis.source import (BATCH_ROWS, conflicting_repeats, jsonl_batches, last_line, line_of_row, unfinished_tail,
                              why_unreadable)
@@ -33,6 +33,7 @@ from analysis.tokens import TokenCounts
 
 RARE_FIELDS = ["first_token_idx", "last_token_idx", "layers", "file", "rows", "closed_at", "final", "ended_at",
                "write_error", "front_end_exited"]
+CACHED = PHASES.index("cached")
 MAX_POSITION = 1 << 31  # token_idx beyond it: no engine's context, and it would alias another key
 
 
@@ -114,13 +115,19 @@ def _read_log(path, batch_rows: int, window: int, token_layers, exact: bool) -> 
 
 def feed_rows(path: str | Path, reader: "LogReader", batch_rows: int, tail: bytes) -> None:
     """Gives the reader every line after the meta line but an unfinished last one."""
+    for batch in complete_rows(path, batch_rows, tail):
+        reader.add(batch)
+
+
+def complete_rows(path: str | Path, batch_rows: int, tail: bytes):
+    """The file's rows in batches, less the unfinished last line ``tail`` (if any)."""
     pending = None
     for batch in jsonl_batches(path, batch_rows):
         if pending is not None:
-            reader.add(pending)
+            yield pending
         pending = batch
     if pending is not None:
-        reader.add(pending.slice(0, pending.num_rows - 1) if tail.strip() else pending)
+        yield pending.slice(0, pending.num_rows - 1) if tail.strip() else pending
 
 
 class LogReader:
@@ -153,6 +160,8 @@ class LogReader:
         self.null_weights = 0  # weights the writer wrote as null
         self.seen = SeenRoutes(exact)  # which route keys were counted so far
         self.streams = Streams()
+        self.computed = np.zeros(0, np.int64)  # [stream] computed (not cached) route records read
+        self.short_ends = 0  # request_end records whose computed positions outnumber those read
         self.row = 0  # rows (non-blank lines, the meta line's included) consumed so far
         self.log = RouteLog(meta, pd.DataFrame(), pd.DataFrame())
         # Set, request_end records wait for end_requests (their routes come later).
@@ -164,14 +173,14 @@ class LogReader:
     def add(self, batch: pa.RecordBatch) -> None:
         """The next rows of the JSONL file, in order."""
         table = pa.Table.from_batches([batch])
-        self._check_rows(table)
-        kind = table["type"].to_numpy(zero_copy_only=False)
-        others = np.flatnonzero(kind != "route")
-        requests = others[kind[others] == "request"]
-        ended = others[kind[others] == "request_end"]
-        rare = others[(kind[others] != "request") & (kind[others] != "request_end")]
-        for row, record in zip(rare, records_of(table, rare, RARE_FIELDS)):  # the end, gaps, unknown types
-            self._other(kind[row], record, self.row + row)
+        is_route = pc.equal(table["type"], "route").fill_null(False).to_numpy(zero_copy_only=False)
+        self._check_rows(table, is_route)
+        others = np.flatnonzero(~is_route)  # few: their types as Python strings
+        kind = np.array(table["type"].take(pa.array(others)).to_pylist(), dtype=object)
+        requests, ended = others[kind == "request"], others[kind == "request_end"]
+        rare = (kind != "request") & (kind != "request_end")
+        for row, kind_of, record in zip(others[rare], kind[rare], records_of(table, others[rare], RARE_FIELDS)):
+            self._other(kind_of, record, self.row + row)  # the end, gaps, unknown types
         self._settle()  # the counting threads read the requests' prompts
         for record in records_of(table, requests):
             self.request_keys.add((str(record["req_id"]), record.get("sample")))
@@ -179,10 +188,9 @@ class LogReader:
             if "prompt_len" in record:
                 self.prompt_len[str(record["req_id"])] = record["prompt_len"]
             self.token_counts.request(record)
-        routes = table.filter(pc.equal(table["type"], "route"))
-        if routes.num_rows:
-            rows = self.row + np.flatnonzero(kind == "route")
-            self.routes(routes, lambda i: f"line {line_of_row(self.path, rows[i])[0]}")
+        if len(others) < table.num_rows:
+            rows = self.row + np.flatnonzero(is_route)
+            self.routes(table.filter(pa.array(is_route)), lambda i: f"line {line_of_row(self.path, rows[i])[0]}")
         ends = records_of(table, ended)
         if self.deferred_ends is None:
             self.end_requests(ends)  # after the routes they close
@@ -203,6 +211,9 @@ class LogReader:
         for record in records:
             self.unended.discard((str(record["req_id"]), record.get("sample")))
             self.token_counts.request_end(record)
+            stream = self.streams.ids.get((str(record["req_id"]), record.get("sample") or 0))
+            read = 0 if stream is None else self.computed[stream]
+            self.short_ends += int(read < record.get("routed_positions", 0) * len(self.layers))
 
     def _other(self, kind: str, record: dict, row: int) -> None:
         if kind == "end":  # its every field: read from the file (usually its last line) in result()
@@ -242,9 +253,13 @@ class LogReader:
             raise LogFormatError(f"{where(bad)}: layer or expert id outside the meta header's")
         weights = pc.list_flatten(routes["topk_weights"]).to_numpy(zero_copy_only=False).reshape(-1, self.top_k)
         token_idx = routes["token_idx"].to_numpy()
-        self._check_values(ids, weights, token_idx, where)
+        masks = expert_masks(ids, self.neighbours.words)
+        weights = self._check_values(ids, masks, weights, token_idx, where)
         if decimals is not None:
-            weights = np.rint(weights.astype(np.float64) * 10**decimals) / 10**decimals
+            weights = weights.astype(np.float64)  # in place from here: one copy
+            weights *= 10**decimals
+            np.rint(weights, out=weights)
+            weights /= 10**decimals
         # A chunk holds few distinct requests: work on their ids, then index per row.
         encoded = pc.dictionary_encode(routes["req_id"]).combine_chunks()
         names, row_req = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
@@ -254,27 +269,28 @@ class LogReader:
         self.log.records += len(layer)
         self.log.duplicates += int((~fresh).sum())
         phase = self._phases(names, row_req, token_idx, routes["cached"])
+        computed = np.bincount(stream[phase != CACHED], minlength=len(self.streams.ids))
+        self.computed = np.pad(self.computed, (0, len(computed) - len(self.computed))) + computed
         if not fresh.all():
-            slot, phase, ids, weights = slot[fresh], phase[fresh], ids[fresh], weights[fresh]
+            slot, phase, ids, weights, masks = slot[fresh], phase[fresh], ids[fresh], weights[fresh], masks[fresh]
             samples, row_req, token_idx, stream = samples[fresh], row_req[fresh], token_idx[fresh], stream[fresh]
-        weights = finite(weights)
-        top1 = ids[np.arange(len(ids)), weights.argmax(1)] if len(ids) else ids[:, 0]  # ties: the first
+        top1, top1_weight = top_choice(ids, weights)
         self._settle()
-        self.pending = [self.pools[0].submit(self._tally_sums, slot, phase, ids, weights),
+        self.pending = [self.pools[0].submit(self._tally_sums, slot, phase, ids, weights, top1_weight),
                         self.pools[1].submit(self._tally_ordered, slot, ids,
-                                             (names, samples, row_req, token_idx), (stream, top1))]
+                                             (names, samples, row_req, token_idx), (stream, masks, top1))]
 
-    def _check_values(self, ids: np.ndarray, weights: np.ndarray, token_idx: np.ndarray, where) -> None:
+    def _check_values(self, ids: np.ndarray, masks: np.ndarray, weights: np.ndarray, token_idx: np.ndarray,
+                      where) -> np.ndarray:
         """Values no engine writes stop the reading, named with their place. A weight the
-        writer wrote as null (not finite in the engine) is counted, as 0, in a note."""
+        writer wrote as null (not finite in the engine) is counted, as 0, in a note.
+        Returns the weights, those as 0."""
         bad = (token_idx < 0) | (token_idx >= MAX_POSITION)
         if bad.any():
             raise LogFormatError(f"{where(np.flatnonzero(bad)[0])}: token_idx outside 0..{MAX_POSITION - 1}")
-        repeated = np.zeros(len(ids), bool)
-        for i in range(ids.shape[1] - 1):
-            repeated |= (ids[:, i : i + 1] == ids[:, i + 1 :]).any(1)
-        if repeated.any():
-            row = np.flatnonzero(repeated)[0]
+        chosen = np.bitwise_count(masks).sum(1, dtype=np.int64) if masks.shape[1] > 1 else np.bitwise_count(masks[:, 0])
+        if (chosen < ids.shape[1]).any():
+            row = np.flatnonzero(chosen < ids.shape[1])[0]
             raise LogFormatError(f"{where(row)}: topk_ids names an expert twice: {ids[row].tolist()}")
         if not np.isfinite(weights.sum()):
             self.null_weights += int((~np.isfinite(weights)).sum())
@@ -282,6 +298,7 @@ class LogReader:
         if weights.size and (weights.min() < 0 or weights.max() > 1 + 1e-6):
             row = np.flatnonzero(((weights < 0) | (weights > 1 + 1e-6)).any(axis=1))[0]
             raise LogFormatError(f"{where(row)}: topk_weights must lie in [0, 1], got {weights[row].tolist()}")
+        return weights
 
     def _tally_ordered(self, slot, ids, token_rows, neighbour_rows) -> None:
         """Windows, token counts and neighbours of distinct route records (one chunk at a
@@ -289,19 +306,20 @@ class LogReader:
         if self.token_counts.prompts:
             self.token_counts.routes(*token_rows, slot, ids)
         self.agg.add_windows(slot, ids)
-        stream, top1 = neighbour_rows
-        self.neighbours.add(stream, slot, token_rows[3], ids, top1)
+        stream, masks, top1 = neighbour_rows
+        self.neighbours.add(stream, slot, token_rows[3], masks, top1)
         if not self.parts_in_batches:
             self.neighbours.pair(hold_last=True)
 
     def end_part(self) -> None:
-        """A parquet part's batches are all in: its neighbours are paired."""
+        """A parquet part's batches are all in: its neighbours are paired, on the thread
+        that added them, while the next part is read."""
         self._settle()
-        self.neighbours.pair()
+        self.pending = [self.pools[1].submit(self.neighbours.pair)]
 
-    def _tally_sums(self, slot, phase, ids, weights) -> None:
+    def _tally_sums(self, slot, phase, ids, weights, top1_weight) -> None:
         """Load, pairs and histograms of distinct route records."""
-        self.agg.add_sums(slot, ids, weights)
+        self.agg.add_sums(slot, ids, weights, top1_weight)
         cell = (slot * len(PHASES) + phase)[:, None] * self.num_experts + ids
         size = self.count.size
         self.count += np.bincount(cell.ravel(), minlength=size).reshape(self.count.shape)
@@ -318,6 +336,7 @@ class LogReader:
         extra = ((0, 0), (0, 0), (0, num_experts - self.num_experts))
         self.count, self.weight = np.pad(self.count, extra), np.pad(self.weight, extra)
         self.agg.grow(num_experts)
+        self.neighbours.grow_experts(num_experts)
         self.num_experts = num_experts
 
     def _phases(self, names, row_req, token_idx, cached) -> np.ndarray:
@@ -334,18 +353,18 @@ class LogReader:
         reason = why_unreadable(line)
         return LogFormatError(f"line {number}: {default if reason == 'unreadable' else reason}")
 
-    def _check_rows(self, table: pa.Table) -> None:
+    def _check_rows(self, table: pa.Table, is_route: np.ndarray) -> None:
         """What DuckDB's read flags (a line it could not read, a key or id that is not a
         whole number), and route records without a required field, named by line."""
         for flag in (table["type"].is_null(), table["suspect"]):
-            bad = np.flatnonzero(flag.to_numpy(zero_copy_only=False))
-            if len(bad):
-                raise self._unreadable(self.row + bad[0], "unreadable (a line over DuckDB's 16 MB maximum_object_size?)")
-        is_route = pc.equal(table["type"], "route").to_numpy(zero_copy_only=False)
+            if pc.any(flag).as_py():
+                bad = np.flatnonzero(flag.fill_null(False).to_numpy(zero_copy_only=False))[0]
+                raise self._unreadable(self.row + bad, "unreadable (a line over DuckDB's 16 MB maximum_object_size?)")
         for name in ("req_id", "token_idx", "layer", "topk_ids", "topk_weights"):
-            missing = np.flatnonzero(is_route & table[name].is_null().to_numpy(zero_copy_only=False))
-            if len(missing):
-                raise self._unreadable(self.row + missing[0], f"route record without {name}")
+            if table[name].null_count:
+                missing = np.flatnonzero(is_route & table[name].is_null().to_numpy(zero_copy_only=False))
+                if len(missing):
+                    raise self._unreadable(self.row + missing[0], f"route record without {name}")
 
     def result(self, tail: bytes) -> RouteLog:
         log = self.log

@@ -37,11 +37,11 @@ class Neighbours:
         self.pending: list[tuple] = []  # added, not yet paired
         self.carry: tuple | None = None  # the last request's rows, held by pair(hold_last=True)
 
-    def add(self, stream: np.ndarray, slot: np.ndarray, position: np.ndarray, ids: np.ndarray,
+    def add(self, stream: np.ndarray, slot: np.ndarray, position: np.ndarray, masks: np.ndarray,
             top1: np.ndarray) -> None:
         """Distinct records in log order, kept until ``pair``: dense (request, sample)
-        ids, layer slots, token_idx [n]; ids [n, top_k]; the top-1 expert [n]."""
-        self.pending.append((stream, slot, position, ids, top1))
+        ids, layer slots, token_idx [n]; expert_masks [n, words]; the top-1 expert [n]."""
+        self.pending.append((stream, slot, position, masks, top1))
 
     def pair(self, hold_last: bool = False) -> None:
         """Pairs the records added since the last call with each other and with the
@@ -54,6 +54,8 @@ class Neighbours:
         self.pending, self.carry = [], None
         if not rows:
             return
+        rows = [r if r[3].shape[1] == self.words else  # masks made before grow_experts are narrower
+                (*r[:3], np.pad(r[3], ((0, 0), (0, self.words - r[3].shape[1]))), r[4]) for r in rows]
         rows = rows[0] if len(rows) == 1 else tuple(np.concatenate(c) for c in zip(*rows))
         if hold_last and len(rows[0]):
             held = rows[0] == rows[0][-1]
@@ -61,19 +63,17 @@ class Neighbours:
             rows = tuple(column[~held] for column in rows)
         self._add(*rows)
 
-    def _add(self, stream, slot, position, ids, top1) -> None:
+    def _add(self, stream, slot, position, masks, top1) -> None:
         if not len(slot):
             return
-        if ids.max() >= self.experts:
-            self._grow_experts(int(ids.max()) + 1)
         stream, slot, position, top1 = (a.astype(np.int64, copy=False) for a in (stream, slot, position, top1))
         group = stream * self.layers + slot
         self._grow((int(stream.max()) + 1) * self.layers)  # every layer of each stream: partners too
-        self._affinity(stream, slot, position, top1, group)  # against the groups' state before this batch
-        self._overlap(group, slot, position, self._masks(ids), top1)
+        order, starts = _layer_major(stream, slot, position)
+        self._affinity(stream, slot, position, top1, group, order, starts)  # against the state before this batch
+        self._overlap(group, slot, position, masks, top1, order)
 
-    def _overlap(self, group, slot, position, masks, top1) -> None:
-        order = np.argsort((group << 32) | position, kind="stable")  # distinct keys; presorted runs merge fast
+    def _overlap(self, group, slot, position, masks, top1, order) -> None:
         g, p = group[order], position[order]
         same = g[1:] == g[:-1]
         step = same & (p[1:] - p[:-1] == 1)
@@ -94,11 +94,17 @@ class Neighbours:
         self.high[runs[higher]], self.high_mask[runs[higher]], self.high_top1[runs[higher]] = (
             position[rows], masks[rows], top1[rows])
 
-    def _affinity(self, stream, slot, position, top1, group) -> None:
-        order = np.argsort(((stream << 31) | position) * self.layers + slot, kind="stable")
-        s, p, layer = stream[order], position[order], slot[order]
-        step = (s[1:] == s[:-1]) & (p[1:] == p[:-1]) & (layer[1:] == layer[:-1] + 1)
-        self._count_pairs(layer[:-1][step], top1[order[:-1][step]], top1[order[1:][step]])
+    def _affinity(self, stream, slot, position, top1, group, order, starts) -> None:
+        key = ((stream << 31) | position)[order]
+        layer = slot[order[starts[:-1]]]  # each block's slot
+        for j in np.flatnonzero(layer[1:] == layer[:-1] + 1).tolist():  # the block of the next layer: partners
+            here, there = order[starts[j] : starts[j + 1]], order[starts[j + 1] : starts[j + 2]]
+            a, b = key[starts[j] : starts[j + 1]], key[starts[j + 1] : starts[j + 2]]
+            if len(a) != len(b) or not (a == b).all():  # not the same positions: join them
+                at = np.minimum(np.searchsorted(b, a), len(b) - 1)
+                found = b[at] == a
+                here, there = here[found], there[at[found]]
+            self._count_pairs(np.full(len(here), layer[j]), top1[here], top1[there])
         for side in (-1, 1):  # the partner layer's highest position before this batch
             has = (slot + side >= 0) & (slot + side < self.layers)
             seen = self.high[group[has] + side]
@@ -110,15 +116,6 @@ class Neighbours:
                 self._count_pairs(slot[match] - 1, other, top1[match])
             else:
                 self._count_pairs(slot[match], top1[match], other)
-
-    def _masks(self, ids: np.ndarray) -> np.ndarray:
-        """[n, words] uint64: bit e % 64 of word e // 64 set for each expert e of a row."""
-        bits = np.left_shift(np.uint64(1), (ids % WORD).astype(np.uint64))
-        if self.words == 1:
-            return np.bitwise_or.reduce(bits, axis=1)[:, None]
-        word = ids // WORD
-        return np.stack([np.bitwise_or.reduce(np.where(word == w, bits, np.uint64(0)), axis=1)
-                         for w in range(self.words)], axis=1)
 
     def _count_jaccard(self, slot, a, b) -> None:
         if not len(slot):
@@ -145,7 +142,7 @@ class Neighbours:
         self.low_mask, self.high_mask = (np.r_[m, np.zeros((extra, self.words), np.uint64)]
                                          for m in (self.low_mask, self.high_mask))
 
-    def _grow_experts(self, experts: int) -> None:
+    def grow_experts(self, experts: int) -> None:
         """A header without num_experts: more experts than seen so far."""
         words = max(1, -(-experts // WORD))
         pad = ((0, 0), (0, words - self.words))
@@ -162,7 +159,51 @@ class Neighbours:
     def transitions(self, slot: int) -> dict[tuple[int, int], int]:
         """(top-1 at slot, top-1 at slot + 1) -> positions."""
         x, y = np.nonzero(self.pairs[slot])
-        return {(int(a), int(b)): int(self.pairs[slot, a, b]) for a, b in zip(x, y)}
+        return dict(zip(zip(x.tolist(), y.tolist()), self.pairs[slot, x, y].tolist()))
+
+
+def _layer_major(stream: np.ndarray, slot: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows in (layer slot, stream, position) order (keys are distinct), and where
+    each slot's rows start in it (then the end). Rows grouped by layer, each layer's
+    rows one sequence of positions (a parquet part) take one sort of a layer's rows."""
+    n, key = len(slot), (stream << 31) | position
+    if (slot[1:] >= slot[:-1]).all():
+        starts = np.r_[0, np.flatnonzero(slot[1:] != slot[:-1]) + 1]
+        size = starts[1] if len(starts) > 1 else n
+        if n == size * len(starts) and (key.reshape(len(starts), size) == key[:size]).all():
+            return (starts[:, None] + np.argsort(key[:size])).ravel(), np.r_[starts, n]
+    if stream.max() < 1 << 24 and slot.max() < 1 << 8:
+        order = np.argsort((slot << 55) | key)
+    else:
+        order = np.lexsort((position, stream, slot))
+    ordered = slot[order]
+    return order, np.r_[0, np.flatnonzero(ordered[1:] != ordered[:-1]) + 1, n]
+
+
+def expert_masks(ids: np.ndarray, words: int) -> np.ndarray:
+    """[n, words] uint64: bit e % 64 of word e // 64 set for each expert e of a row of
+    ``ids`` [n, top_k]; a column at a time (numpy's reduction along a short axis is
+    several times slower)."""
+    masks = np.zeros((len(ids), words), np.uint64)
+    bits = np.empty(len(ids), np.uint64)
+    for column in ids.T:
+        np.left_shift(np.uint64(1), (column % WORD).astype(np.uint64), out=bits)
+        if words == 1:
+            masks[:, 0] |= bits
+        else:
+            for w in range(words):
+                masks[:, w] |= np.where(column // WORD == w, bits, np.uint64(0))
+    return masks
+
+
+def top_choice(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's top-1 expert (its largest weight; ties: the first) [n], and that weight
+    [n]; a column at a time."""
+    expert, weight = ids[:, 0].copy(), weights[:, 0].copy()
+    for column in range(1, ids.shape[1]):
+        np.copyto(expert, ids[:, column], where=weights[:, column] > weight)
+        np.maximum(weight, weights[:, column], out=weight)
+    return expert, weight
 
 
 def mean_jaccard(counts) -> float:

