@@ -33,6 +33,7 @@ from analysis.tokens import TokenCounts
 
 RARE_FIELDS = ["first_token_idx", "last_token_idx", "layers", "file", "rows", "closed_at", "final", "ended_at",
                "write_error", "front_end_exited"]
+ROUTE_FIELDS = ["req_id", "sample", "token_idx", "layer", "topk_ids", "topk_weights", "cached"]
 CACHED = PHASES.index("cached")
 MAX_POSITION = 1 << 31  # token_idx beyond it: no engine's context, and it would alias another key
 
@@ -190,7 +191,8 @@ class LogReader:
             self.token_counts.request(record)
         if len(others) < table.num_rows:
             rows = self.row + np.flatnonzero(is_route)
-            self.routes(table.filter(pa.array(is_route)), lambda i: f"line {line_of_row(self.path, rows[i])[0]}")
+            routes = table.select(ROUTE_FIELDS).filter(pa.array(is_route))  # the other columns are not copied
+            self.routes(routes, lambda i: f"line {line_of_row(self.path, rows[i])[0]}")
         ends = records_of(table, ended)
         if self.deferred_ends is None:
             self.end_requests(ends)  # after the routes they close

@@ -51,6 +51,7 @@ TYPED = f"""
 def _connection() -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("SET preserve_insertion_order = true")  # the log's order: windows, token counts, first sightings
+    con.execute("SET enable_progress_bar = false")  # the CLIs' stderr carries their own messages only
     return con
 
 
