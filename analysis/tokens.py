@@ -94,11 +94,17 @@ class TokenCounts:
         self.table.reshape(-1)[cells] += counts.astype(np.int32)
 
     def frame(self) -> pd.DataFrame:
+        """Nonzero counts, one row each, by layer, expert, token: int32 columns (16 bytes
+        a row), gathered an expert's row at a time (no index arrays over the whole table)."""
         self.flush()
-        index, expert, token = np.nonzero(self.table)
-        return pd.DataFrame({"layer": np.asarray(self.counted, np.int64)[index], "expert": expert,
-                             "token": token, "count": self.table[index, expert, token].astype(np.int64)},
-                            copy=False)  # fresh arrays: no 40 MB block copy
+        parts = []
+        for index, layer in enumerate(self.counted):
+            for expert, row in enumerate(self.table[index]):
+                token = np.flatnonzero(row).astype(np.int32)
+                parts.append((np.full(len(token), layer, np.int32), np.full(len(token), expert, np.int32), token,
+                              row[token]))
+        columns = [np.concatenate(c) for c in zip(*parts)] if parts else [np.zeros(0, np.int32)] * 4
+        return pd.DataFrame(dict(zip(("layer", "expert", "token", "count"), columns)), copy=False)
 
 
 def _key(record: dict) -> tuple:
