@@ -164,20 +164,34 @@ class Neighbours:
 
 def _layer_major(stream: np.ndarray, slot: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The rows in (layer slot, stream, position) order (keys are distinct), and where
-    each slot's rows start in it (then the end). Rows grouped by layer, each layer's
-    rows one sequence of positions (a parquet part) take one sort of a layer's rows."""
+    each slot's rows start in it (then the end). Rows grouped by layer (a parquet part)
+    repeat one sequence of positions per layer, cut short at the part's edges: the
+    longest layer's rows are sorted once, and a layer whose positions are a run of that
+    sequence takes the sort's order of the run; any other, a sort of its own."""
     n, key = len(slot), (stream << 31) | position
-    if (slot[1:] >= slot[:-1]).all():
-        starts = np.r_[0, np.flatnonzero(slot[1:] != slot[:-1]) + 1]
-        size = starts[1] if len(starts) > 1 else n
-        if n == size * len(starts) and (key.reshape(len(starts), size) == key[:size]).all():
-            return (starts[:, None] + np.argsort(key[:size])).ravel(), np.r_[starts, n]
-    if stream.max() < 1 << 24 and slot.max() < 1 << 8:
-        order = np.argsort((slot << 55) | key)
-    else:
-        order = np.lexsort((position, stream, slot))
-    ordered = slot[order]
-    return order, np.r_[0, np.flatnonzero(ordered[1:] != ordered[:-1]) + 1, n]
+    if not (slot[1:] >= slot[:-1]).all():
+        if stream.max() < 1 << 24 and slot.max() < 1 << 8:
+            order = np.argsort((slot << 55) | key)
+        else:
+            order = np.lexsort((position, stream, slot))
+        ordered = slot[order]
+        return order, np.r_[0, np.flatnonzero(ordered[1:] != ordered[:-1]) + 1, n]
+    starts = np.r_[0, np.flatnonzero(slot[1:] != slot[:-1]) + 1, n]
+    longest = int(np.argmax(np.diff(starts)))
+    reference = key[starts[longest] : starts[longest + 1]]
+    by_key = np.argsort(reference)
+    ordered = reference[by_key]
+    order = np.empty(n, np.int64)
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        block = key[a:b]
+        at = min(int(np.searchsorted(ordered, block[0])), len(ordered) - 1)
+        first = int(by_key[at])
+        if ordered[at] == block[0] and first + len(block) <= len(reference) and \
+                (reference[first : first + len(block)] == block).all():
+            order[a:b] = by_key[(by_key >= first) & (by_key < first + len(block))] - first + a
+        else:
+            order[a:b] = np.argsort(block) + a
+    return order, starts
 
 
 def expert_masks(ids: np.ndarray, words: int) -> np.ndarray:

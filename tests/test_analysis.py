@@ -578,3 +578,25 @@ def test_a_conflicting_repeat_is_named_in_a_note(tmp_path):
     assert ("2 repeated route records were counted once (the first of each key); 1 key(s) were logged with "
             "different experts or weights: not one engine's log (shards of different runs merged?)") in log.notes
     assert expert_shares(log.loads, 0)[1] == 0.5
+
+
+def test_layer_major_order_is_a_sort_by_layer_stream_position():
+    """The neighbours' order, on rows grouped by layer whose positions are runs of one
+    sequence cut at either end (a parquet part), on layers that are not, and on rows in
+    log order, equals a plain sort."""
+    from analysis.neighbours import _layer_major
+
+    rng = np.random.default_rng(0)
+    sequence = rng.permutation(200)
+    stream, position = sequence // 20, sequence % 20 + 5
+    runs = [(0, 200), (3, 200), (0, 197), (10, 150), (0, 200)]
+    slot = np.concatenate([np.full(b - a, s) for s, (a, b) in enumerate(runs)])
+    rows = np.concatenate([np.arange(a, b) for a, b in runs])
+    stream, position = stream[rows], position[rows]
+    position[-30:] = position[-30:][::-1] + 100  # the last layer: not a run of the sequence
+    for s, p, l in ((stream, position, slot), (stream[::-1].copy(), position[::-1].copy(), slot[::-1].copy())):
+        order, starts = _layer_major(s, l, p)
+        assert sorted(order.tolist()) == list(range(len(l)))
+        triples = list(zip(l[order].tolist(), s[order].tolist(), p[order].tolist()))
+        assert triples == sorted(triples)
+        assert (l[order][starts[:-1]] == np.unique(l)).all() and starts[-1] == len(l)
