@@ -290,7 +290,7 @@ class LogReader:
         bad = (token_idx < 0) | (token_idx >= MAX_POSITION)
         if bad.any():
             raise LogFormatError(f"{where(np.flatnonzero(bad)[0])}: token_idx outside 0..{MAX_POSITION - 1}")
-        chosen = np.bitwise_count(masks).sum(1, dtype=np.int64) if masks.shape[1] > 1 else np.bitwise_count(masks[:, 0])
+        chosen = np.bitwise_count(masks).sum(1)  # distinct experts of each row
         if (chosen < ids.shape[1]).any():
             row = np.flatnonzero(chosen < ids.shape[1])[0]
             raise LogFormatError(f"{where(row)}: topk_ids names an expert twice: {ids[row].tolist()}")
