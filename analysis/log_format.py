@@ -22,9 +22,10 @@ COLUMNS = pa.schema([
     ("token_idx", pa.int64()), ("layer", pa.int64()), ("topk_ids", pa.list_(pa.int64())),
     ("topk_weights", pa.list_(pa.float64())), ("prompt_len", pa.int64()), ("cached", pa.bool_()),
     ("prompt_token_ids", pa.list_(pa.int64())), ("generated_token_ids", pa.list_(pa.int64())),
-    ("routed_positions", pa.int64()),
+    ("routed_positions", pa.int64()), ("cached_positions", pa.int64()), ("returned_tokens", pa.int64()),
 ])
-REQUEST_FIELDS = ["req_id", "sample", "prompt_len", "prompt_token_ids", "generated_token_ids", "routed_positions"]
+REQUEST_FIELDS = ["req_id", "sample", "prompt_len", "prompt_token_ids", "generated_token_ids", "routed_positions",
+                  "cached_positions", "returned_tokens"]
 # The minimal header; schema, num_experts and the rest are optional (num_experts is then
 # inferred from the largest expert id seen).
 META_FIELDS = ("layers_logged", "top_k")
@@ -53,6 +54,9 @@ class RouteLog:
     truncated_tail: bytes = b""  # an unfinished last line, e.g. after a crash
     end: dict | None = None  # the closing record, absent if the engine did not shut down
     neighbours: object = None  # analysis.neighbours.Neighbours: pairs of neighbouring records
+    # Requests the front end cut (a stop string), and their logged positions past the
+    # tokens returned to the caller: {"requests", "positions"}; empty if none.
+    not_returned: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 

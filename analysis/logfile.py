@@ -163,6 +163,7 @@ class LogReader:
         self.streams = Streams()
         self.computed = np.zeros(0, np.int64)  # [stream] computed (not cached) route records read
         self.short_ends = 0  # request_end records whose computed positions outnumber those read
+        self.cut = np.zeros(2, np.int64)  # requests the front end cut; their positions past the cut
         self.row = 0  # rows (non-blank lines, the meta line's included) consumed so far
         self.log = RouteLog(meta, pd.DataFrame(), pd.DataFrame())
         # Set, request_end records wait for end_requests (their routes come later).
@@ -216,6 +217,10 @@ class LogReader:
             stream = self.streams.ids.get((str(record["req_id"]), record.get("sample") or 0))
             read = 0 if stream is None else self.computed[stream]
             self.short_ends += int(read < record.get("routed_positions", 0) * len(self.layers))
+            if "returned_tokens" in record:  # positions >= prompt_len + returned_tokens: never returned
+                logged = record.get("routed_positions", 0) + record.get("cached_positions", 0)
+                prompt_len = self.prompt_len.get(str(record["req_id"]), logged)
+                self.cut += (1, max(0, logged - prompt_len - record["returned_tokens"]))
 
     def _other(self, kind: str, record: dict, row: int) -> None:
         if kind == "end":  # its every field: read from the file (usually its last line) in result()
@@ -393,6 +398,12 @@ class LogReader:
             log.token_counts = self.token_counts.frame()
             log.token_layers = self.token_counts.counted
         log.requests = len(self.prompt_len)
+        if self.cut[0]:
+            requests, positions = self.cut.tolist()
+            log.not_returned = {"requests": requests, "positions": positions}
+            log.notes.append(f"{requests} requests were cut by the front end (a stop string): {positions} of their "
+                             "logged positions are past the tokens returned to the caller (request_end's "
+                             "returned_tokens); their route records are counted like the others")
         log.truncated_tail = tail
         if tail:
             log.notes.append(f"the last line is unfinished ({len(tail)} bytes) and was skipped")

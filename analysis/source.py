@@ -29,7 +29,7 @@ JSONL_COLUMNS = {
     "type": "VARCHAR", "req_id": "JSON", "sample": "JSON", "token_idx": "JSON", "layer": "JSON",
     "topk_ids": "JSON", "topk_weights": "DOUBLE[]", "cached": "BOOLEAN",
     "prompt_len": "BIGINT", "prompt_token_ids": "BIGINT[]", "generated_token_ids": "BIGINT[]",
-    "routed_positions": "BIGINT",
+    "routed_positions": "BIGINT", "cached_positions": "BIGINT", "returned_tokens": "BIGINT",
     "first_token_idx": "BIGINT", "last_token_idx": "BIGINT", "layers": "BIGINT[]",  # gap
     "file": "VARCHAR", "rows": "BIGINT", "closed_at": "VARCHAR",  # part
     "final": "BOOLEAN", "ended_at": "VARCHAR", "write_error": "VARCHAR", "front_end_exited": "BOOLEAN",  # end

@@ -25,6 +25,8 @@ def report(log, layers: list[int], weighted: bool, cached: bool = True, decode=N
         "duplicates": log.duplicates,
         "complete": log.end is not None and not log.truncated_tail,
         "notes": log.notes,
+        # Only where the front end cut a response (a stop string): see the note.
+        **({"positions_not_returned": log.not_returned} if log.not_returned else {}),
         "layers": [layer_stats(log, layer, weighted, cached, placer) for layer in layers],
         # Over every distinct record, cached ones included:
         "coactivation": [{"layer": layer, "top_pairs": top_pairs(log, layer)} for layer in layers],

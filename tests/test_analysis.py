@@ -600,3 +600,28 @@ def test_layer_major_order_is_a_sort_by_layer_stream_position():
         triples = list(zip(l[order].tolist(), s[order].tolist(), p[order].tolist()))
         assert triples == sorted(triples)
         assert (l[order][starts[:-1]] == np.unique(l)).all() and starts[-1] == len(l)
+
+
+def test_positions_past_what_the_front_end_returned_are_counted(tmp_path, capsys):
+    """a: 3 prompt + 4 fed positions, 2 tokens returned: positions 5 and 6 never reached
+    its caller. b: cut at its second-last position. d: 2 of 4 prompt positions cached,
+    1 token returned, position 5 past it. c: ended by the engine, no count. The JSONL
+    and parquet forms say the same."""
+    lengths = {"a": (3, 7, 2), "b": (2, 4, 3), "c": (2, 5, None), "d": (4, 6, 1)}
+    path = write_log(tmp_path / "cut.jsonl", meta(num_experts=4, top_k=1), {r: p for r, (p, _, _) in lengths.items()},
+                     [(r, t, 0, (t % 4,), (1.0,)) for r, (_, n, _) in lengths.items() for t in range(n)])
+    lines = path.read_text().splitlines()
+    ends = [{"type": "request_end", "req_id": r, "finished": True, "routed_positions": n - 2 * (r == "d"),
+             "recomputed_positions": 0, "cached_positions": 2 * (r == "d"),
+             **({} if got is None else {"returned_tokens": got})} for r, (_, n, got) in lengths.items()]
+    path.write_text("\n".join(lines[:-1] + [json.dumps(e) for e in ends] + lines[-1:]) + "\n")
+    assert read_log(path).not_returned == {"requests": 3, "positions": 3}
+    assert stats.main([str(path), "--json"]) in (0, None)
+    out = json.loads(capsys.readouterr().out)
+    assert out["positions_not_returned"] == {"requests": 3, "positions": 3}
+    assert any("3 requests were cut by the front end" in n for n in out["notes"])
+    from analysis import convert
+
+    convert.main([str(path), str(tmp_path / "cut.parquet")])
+    assert read_log(tmp_path / "cut.parquet").not_returned == {"requests": 3, "positions": 3}
+    assert "positions_not_returned" not in stats.report(read_log(small_log(tmp_path)), [0], weighted=False)
