@@ -66,6 +66,7 @@ def run(spec: dict) -> dict:
             "id": rid,
             "prompt_token_ids": list(out.prompt_token_ids),
             "samples": [list(c.token_ids) for c in sorted(out.outputs, key=lambda c: c.index)],
+            "stop_reasons": [c.stop_reason for c in sorted(out.outputs, key=lambda c: c.index)],
             # vLLM's own capture (enable_return_routed_experts), per sample:
             # [positions, layers, top_k]; on CompletionOutput in 0.26.
             "routed_experts": [

@@ -65,10 +65,10 @@ def test_port_names_a_file_the_new_release_deleted(tmp_path):
 
 
 def test_port_names_each_conflict_and_writes_nothing(tmp_path):
-    """0.26.0 -> 0.31.0: upstream rewrote lines next to four of our call sites."""
+    """0.26.0 -> 0.31.0: upstream rewrote lines next to five of our call sites."""
     out, conflicts = port.port("0.31.0", "0.26.0", tmp_path)
     assert out is None and not list(tmp_path.iterdir())
-    assert sorted(conflicts) == ["vllm/envs.py", "vllm/v1/core/sched/output.py",
+    assert sorted(conflicts) == ["vllm/envs.py", "vllm/v1/core/sched/output.py", "vllm/v1/engine/output_processor.py",
                                  "vllm/v1/worker/gpu/model_runner.py", "vllm/v1/worker/gpu_model_runner.py"]
     assert any("route_logger.begin_step(scheduler_output)" in h for h in conflicts["vllm/v1/worker/gpu/model_runner.py"])
 

@@ -168,8 +168,10 @@ def test_front_end_accepts_good_settings_and_is_silent_when_off(models, tmp_path
     config = engine_config(models["top2"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"),
                            VLLM_LOG_MOE_LAYERS="all", VLLM_LOG_MOE_FORMAT="jsonl")
     settings = pickle.loads(pickle.dumps(config)).observability_config.moe_route_log
+    returned = settings["returned_path"]  # the front end's own file (route_log/front_end.py), empty
+    assert os.path.basename(returned).startswith(f"vllm-moe-returned-{os.getpid()}-") and os.path.getsize(returned) == 0
     assert RouteLogConfig(**settings) == RouteLogConfig(str(tmp_path / "r.jsonl"), None, None, "jsonl",
-                                                        front_end_pid=os.getpid())
+                                                        front_end_pid=os.getpid(), returned_path=returned)
     assert list(tmp_path.iterdir()) == []  # the file is created by the worker, not here
 
 

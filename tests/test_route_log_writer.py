@@ -17,6 +17,7 @@ import torch
 from conftest import wait_until
 from vllm.model_executor.layers.fused_moe import route_logger
 from vllm.model_executor.layers.fused_moe.route_log.config import RouteLogConfig, RouteLogError
+from vllm.model_executor.layers.fused_moe.route_log.front_end import ReturnedReader, ReturnedTokens
 from vllm.model_executor.layers.fused_moe.route_log.writer.render import (
     fields_text,
     render_rows,
@@ -127,10 +128,12 @@ LAYERS, TOP_K = [0, 5, 23], 2
 
 
 def make_logger(path: Path, buffer_mb: int | None = None, max_rows: int = 64,
-                block_store: dict | None = None, speculative: bool = False) -> route_logger.RouteLogger:
+                block_store: dict | None = None, speculative: bool = False,
+                returned_path: Path | None = None) -> route_logger.RouteLogger:
     env = {"VLLM_LOG_MOE": str(path)} | ({} if buffer_mb is None else {"VLLM_LOG_MOE_BUFFER_MB": str(buffer_mb)})
     meta = {"type": "meta", "schema": 1, "layers_logged": LAYERS, "top_k": TOP_K}
-    return route_logger.RouteLogger(RouteLogConfig.from_env(env), meta, LAYERS, TOP_K, max_rows,
+    config = replace(RouteLogConfig.from_env(env), returned_path=returned_path and str(returned_path))
+    return route_logger.RouteLogger(config, meta, LAYERS, TOP_K, max_rows,
                                     torch.device("cpu"), str(path), {}, block_store, speculative)
 
 
@@ -205,6 +208,36 @@ def test_writer_life_cycle(tmp_path):
     assert (end["type"], end["final"], end["steps"], end["route_records"], end["requests"],
             end["requests_ended"], end["engine_waits"]) == ("end", True, 3, 33, 2, 2, 0)
     assert end["write_error"] is None
+
+
+def test_request_end_says_what_the_front_end_returned(tmp_path):
+    """The front end appends a line before it aborts a response it cut (a stop string);
+    the writer puts it in that request's end. A request the engine ended has none."""
+    returned = tmp_path / "returned.jsonl"
+    returned.touch()
+    logger = make_logger(tmp_path / "log.jsonl", returned_path=returned)
+    front_end = ReturnedTokens(str(returned))
+    step(logger, new=[new_request("a"), new_request("b")], batch=[("a", 0, 5), ("b", 0, 5)])
+    front_end.returned("a-0123abcd", SimpleNamespace(num_output_tokens=lambda: 2))
+    step(logger, finished=["a"], batch=[("b", 5, 1)])
+    step(logger, finished=["b"])
+    logger.close()
+    ends = {r["req_id"]: r for r in lines_of(tmp_path / "log.jsonl") if r["type"] == "request_end"}
+    assert ends["a"]["returned_tokens"] == 2 and "returned_tokens" not in ends["b"]
+    assert "returned_tokens_error" not in lines_of(tmp_path / "log.jsonl")[-1]
+
+
+def test_returned_counts_are_read_whole_and_only_a_writers_own_kept(tmp_path):
+    path = tmp_path / "returned.jsonl"
+    path.write_bytes(b'["a-1",3]\n["other",1]\n["b-2",')  # the last line still being appended
+    reader = ReturnedReader(str(path))
+    assert reader.pop("a-1") == 3 and reader.pop("b-2") is None
+    with open(path, "ab") as f:
+        f.write(b'5]\n["c\\n\\"",7]\n')
+    reader.keep_only({0: "b-2", 1: 'c\n"'})  # "other" was opened by no slot here: another writer's
+    assert reader.counts == {}  # b-2's line was not whole when read
+    assert reader.pop("b-2") == 5 and reader.pop('c\n"') == 7 and "other" not in reader.counts
+    assert ReturnedReader(str(tmp_path / "missing")).error.startswith("the front end's file of returned tokens")
 
 
 def test_a_batch_seen_before_is_mapped_anew_after_requests_open_or_close(tmp_path):

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from analysis.logfile import read_log as analysis_read_log
-from conftest import ROUTE_ENV, SHARED, process_tree, wait_until
+from conftest import ROUTE_ENV, SHARED, process_tree, run_engine, wait_until
 from experiments.tiny_moe import DEMO, build_moe
 from route_checks import check_against_oracle, prompts, report, restricted
 
@@ -91,7 +92,8 @@ async def stopped(client, model, prompt) -> dict:
     resp = await client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0.0, stop=["e"],
                                            extra_body={"return_token_ids": True, "ignore_eos": True})
     choice = resp.choices[0]
-    return {"response_id": resp.id, "prompt_token_ids": choice.prompt_token_ids, "token_ids": choice.token_ids}
+    return {"response_id": resp.id, "prompt_token_ids": choice.prompt_token_ids, "token_ids": choice.token_ids,
+            "stop_reason": choice.stop_reason}
 
 
 async def refused(port: int, model: str, body: dict) -> int:
@@ -252,10 +254,49 @@ def test_every_response_joins_its_records(served):
             assert end["generated_token_ids"] == tokens[:-1]
     for resp in served["stops"]:  # the engine may have computed past the stop string
         start, end = starts[f"{resp['response_id']}-0"], ends[f"{resp['response_id']}-0"]
-        returned = len(resp["prompt_token_ids"]) + len(resp["token_ids"]) - 1
-        assert end["routed_positions"] + end["cached_positions"] >= returned
-        fed = end.get("generated_token_ids", [])
-        assert fed[: len(resp["token_ids"])] == resp["token_ids"][: len(fed)]
+        assert_cut_as_returned(end, resp["prompt_token_ids"], resp["token_ids"], resp["stop_reason"])
+
+
+def assert_cut_as_returned(end: dict, prompt: list[int], tokens: list[int], stop_reason) -> None:
+    """A response the front end cut at a stop string: request_end says how many tokens
+    the caller got; the engine may have computed (and logged) positions past them."""
+    logged = end["routed_positions"] + end["cached_positions"]
+    fed = end.get("generated_token_ids", [])
+    assert fed[: len(tokens)] == tokens[: len(fed)]
+    if stop_reason == "e":
+        assert end["returned_tokens"] == len(tokens)
+        assert logged >= len(prompt) + len(tokens) - 1
+    else:  # max_tokens: the engine ended it, at the last token returned
+        assert "returned_tokens" not in end and logged == len(prompt) + len(tokens) - 1
+
+
+def test_stop_strings_say_what_the_caller_got(served):
+    """The log counts the positions past the tokens returned, from request_end's own
+    generated token ids (positions logged: the prompt's and each token fed back)."""
+    ends = {r["req_id"]: r for r in map(json.loads, open(served["log"])) if r["type"] == "request_end"}
+    cut = [ends[f"{resp['response_id']}-0"] for resp in served["stops"] if resp["stop_reason"] == "e"]
+    assert cut, "no response was cut by its stop string"
+    past = sum(max(0, len(end.get("generated_token_ids", [])) - end["returned_tokens"]) for end in cut)
+    assert analysis_read_log(served["log"]).not_returned == {"requests": len(cut), "positions": past}
+
+
+def test_offline_stop_strings_say_what_the_caller_got(model, tmp_path):
+    """The same through LLMEngine (what LLM.generate runs), whose front end is the
+    caller's process; its file of returned counts is gone when it exits."""
+    sampling = {"max_tokens": 12, "temperature": 0.0, "stop": ["e"], "ignore_eos": True}
+    spec = {"model": str(model), "waves": [[{"id": f"s{i}", "prompt_token_ids": p, "sampling": sampling}
+                                            for i, p in enumerate(prompts(17, [12 + i for i in range(8)]))]],
+            "engine": {"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 256,
+                       "max_num_seqs": 8, "seed": 1234, "num_gpu_blocks_override": 64}}
+    run = run_engine(tmp_path / "run", spec, {"VLLM_LOG_MOE": str(tmp_path / "routes.jsonl"), "VLLM_LOG_MOE_LAYERS": "all"})
+    assert run.returncode == 0, run.output[-3000:]
+    ends = {r["req_id"]: r for r in map(json.loads, open(run.log)) if r["type"] == "request_end"}
+    for out in run.result["outputs"]:
+        assert_cut_as_returned(ends[out["id"]], out["prompt_token_ids"], out["samples"][0], out["stop_reasons"][0])
+    assert any(out["stop_reasons"][0] == "e" for out in run.result["outputs"])
+    left = [p for p in Path(tempfile.gettempdir()).glob("vllm-moe-returned-*")
+            if not Path(f"/proc/{p.name.split('-')[3]}").exists()]
+    assert left == []
 
 
 def test_sigterm_leaves_a_complete_log_without_duplicates(served):
@@ -341,7 +382,8 @@ def test_metrics_with_two_api_servers_equal_the_log(model, tmp_path):
 
 def test_killing_the_api_server_leaves_no_process(model, tmp_path):
     """SIGKILL of the API server alone, with generations running: the engine core, its
-    worker and the log's writer end too, and the log says how it ended."""
+    worker and the log's writer end too, the log says how it ended, and no file of the
+    API server's is left."""
     port, log = free_port(), tmp_path / "routes.jsonl"
     env, cmd = server(model, log, port)
     with open(tmp_path / "server.txt", "w") as sink:
@@ -370,6 +412,8 @@ def test_killing_the_api_server_leaves_no_process(model, tmp_path):
     # Aborted by the engine's shutdown (the worker cannot tell an abort from an end):
     # each request short of its 8 + 240 - 1 positions.
     assert len(ends) == end["requests"] == 4 and all(r["routed_positions"] < 247 for r in ends)
+    # The API server's files (returned tokens, /metrics' directory) went with the writer.
+    assert not list(Path(tempfile.gettempdir()).glob(f"vllm-moe-*-{proc.pid}-*"))
 
 
 def post_quietly(url: str, body: bytes) -> None:

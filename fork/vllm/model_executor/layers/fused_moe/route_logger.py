@@ -106,7 +106,7 @@ class RouteLogger:
                 "metrics": config.metrics and {"directory": config.metrics_dir, "granularity": config.metrics,
                                                "model_name": meta.get("served_model_name", "")},
                 "request_fields": request_fields,  # extra fields of request records
-                "front_end_pid": config.front_end_pid,
+                "front_end_pid": config.front_end_pid, "returned_path": config.returned_path,
                 **(self.block_store or {})})
         finally:
             if log:

@@ -45,6 +45,8 @@ class RouteLogConfig:
     metrics_dir: str | None = None
     # The front end's process: the log's 'end' says whether it had exited.
     front_end_pid: int | None = None
+    # Where the front end notes the tokens it returned of responses it cut (front_end.py).
+    returned_path: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict | None = None) -> "RouteLogConfig | None":
@@ -210,6 +212,10 @@ def route_log_settings(vllm_config) -> dict | None:
         from .metrics import metrics_directory
 
         config = replace(config, metrics_dir=metrics_directory())
+    if config.path:
+        from .front_end import returned_file
+
+        config = replace(config, returned_path=returned_file())
     return asdict(replace(config, front_end_pid=os.getpid()))
 
 

@@ -10,7 +10,8 @@ A JSONL log is one file; every line is a JSON object with a "type":
     meta         the first line: what was logged, by which engine, what is not
     request      a caller's request (or one sample of it) was scheduled
     route        one (request, position, layer): topk_ids and topk_weights
-    request_end  the request ended; its positions counted
+    request_end  the request ended; its positions counted (returned_tokens: the
+                 front end cut its response, front_end.py)
     gap          positions that have no route record, and why
     part         (parquet) a closed part of route records
     end          the log closed (final false: provisional, the engine still ran)

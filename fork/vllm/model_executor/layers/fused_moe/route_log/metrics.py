@@ -22,10 +22,11 @@ the prefix cache, which load no expert), each once.
 """
 
 import atexit
-import glob
 import os
 import shutil
 import tempfile
+
+from .front_end import remove_orphans
 
 EXPERT_TOKENS = "vllm:moe_expert_tokens"
 ROUTED_TOKENS = "vllm:moe_routed_tokens"
@@ -49,22 +50,10 @@ def metrics_directory() -> str:
     from prometheus_client import REGISTRY
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    _remove_orphans()
+    remove_orphans(DIR_PREFIX)
     directory = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-")
     atexit.register(shutil.rmtree, directory, True)
     if _COLLECTOR is not None:  # another engine configured in this process
         REGISTRY.unregister(_COLLECTOR)
     _COLLECTOR = MultiProcessCollector(REGISTRY, path=directory)
     return directory
-
-
-def _remove_orphans() -> None:
-    """Directories of front ends that died without their exit handlers (SIGKILL)."""
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{DIR_PREFIX}*")):
-        pid = os.path.basename(path)[len(DIR_PREFIX):].split("-")[0]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass  # not ours by name, or another user's live process

@@ -44,6 +44,8 @@ from ..channel import (
     RingReader,
     step_layout,
 )
+from ..front_end import RETURNED_PREFIX, ReturnedReader, remove_orphans
+from ..metrics import DIR_PREFIX
 from .log_file import LogFile
 from .render import fields_text, render_rows, request_end_line, request_line, request_prefix
 from .store import BlockRoutes
@@ -71,6 +73,8 @@ class Writer:
         self.gap_reason = args.get("gap_reason")  # why cached positions cannot be replayed
         self.request_fields = fields_text(args.get("request_fields", {}))  # ends each request record
         self.front_end_pid = args.get("front_end_pid")
+        self.returned = ReturnedReader(args.get("returned_path"))  # counts of responses the front end cut
+        self.engine_ids: dict[int, str] = {}  # slot -> the engine's id of its open request
         self.columns = None  # the parquet log's route parts; None: routes are JSONL lines
         if args.get("format") == "parquet":
             from .columns import RouteColumns
@@ -108,6 +112,9 @@ class Writer:
         if self.load is not None:
             self.load.publish()
         self.log.flush()
+        if self.front_end().get("front_end_exited"):  # killed: its exit handlers never ran
+            for prefix in (RETURNED_PREFIX, DIR_PREFIX):
+                remove_orphans(prefix)
 
     def next_message(self) -> tuple[int, bytes] | None:
         while True:
@@ -135,6 +142,7 @@ class Writer:
             req_id = payload[REQUEST_HEAD.size : at].decode(*TEXT)
             prefix = self.bind(slot, req_id, None if sample < 0 else sample)
             engine_req_id = payload[at : at + id_size].decode(*TEXT)
+            self.engine_ids[slot] = engine_req_id
             prompt = np.frombuffer(payload, np.int32, tokens, at + id_size)
             # No ids (a prompt of embeddings): where the prompt ends is not known here.
             self.prompt_len[slot] = tokens or NO_PROMPT_IDS
@@ -145,12 +153,15 @@ class Writer:
         elif kind == REQUEST_END:
             slot, *counts = REQUEST_END_HEAD.unpack(payload)
             generated = self.generated.pop(slot, None)
+            engine_req_id = self.engine_ids.pop(slot, "")
             self.stats["requests_ended"] += 1
             if self.log.file is not None:
                 line = request_end_line(self.prefix[slot, : self.prefix_len[slot]].tobytes(), *counts,
                                         self.request_fields)
                 if generated:
                     line = _with_field(line, "generated_token_ids", np.concatenate(generated))
+                if (returned := self.returned.pop(engine_req_id)) is not None:
+                    line = line[:-2] + b',"returned_tokens":%d}\n' % returned
                 self.log.write(line)
         elif kind == BLOCKS:
             slot, first = BLOCKS_HEAD.unpack_from(payload)
@@ -292,6 +303,7 @@ class Writer:
         """Flushes; with no request open, publishes the load and ends the file with a
         provisional 'end'."""
         idle = self.stats["requests"] == self.stats["requests_ended"]
+        self.returned.keep_only(self.engine_ids)
         if idle and self.load is not None:
             self.load.publish()
         if self.log.file is None:
@@ -312,6 +324,7 @@ class Writer:
                   "block_store_bytes": self.store.nbytes if self.store else 0,
                   **({"route_parts": self.columns.parts} if self.columns else {}),
                   "write_error": self.log.error, **self.metrics_error, **self.front_end(),
+                  **({"returned_tokens_error": self.returned.error} if self.returned.error else {}),
                   "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
