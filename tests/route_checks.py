@@ -177,3 +177,24 @@ def report(run, counts) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"log": str(run.log), **counts}) + "\n")
+
+
+def stop_spec(model, **engine) -> dict:
+    """Eight greedy requests with the stop string "e" (a tokenizer is needed)."""
+    sampling = {"max_tokens": 12, "temperature": 0.0, "stop": ["e"], "ignore_eos": True}
+    return {"model": str(model), "engine": engine,
+            "waves": [[{"id": f"s{i}", "prompt_token_ids": p, "sampling": sampling}
+                       for i, p in enumerate(prompts(17, [12 + i for i in range(8)]))]]}
+
+
+def assert_cut_as_returned(end: dict, prompt: list[int], tokens: list[int], stop_reason) -> None:
+    """A response the front end cut at a stop string: request_end says how many tokens
+    the caller got; the engine may have computed (and logged) positions past them."""
+    logged = end["routed_positions"] + end["cached_positions"]
+    fed = end.get("generated_token_ids", [])
+    assert fed[: len(tokens)] == tokens[: len(fed)]
+    if stop_reason == "e":
+        assert end["returned_tokens"] == len(tokens)
+        assert logged >= len(prompt) + len(tokens) - 1
+    else:  # max_tokens: the engine ended it, at the last token returned
+        assert "returned_tokens" not in end and logged == len(prompt) + len(tokens) - 1

@@ -4,15 +4,19 @@ Run through the device tool (scripts/device_setup.sh puts the patched vLLM 0.26.
 PYTHONPATH and sets STOCK_VLLM_PYTHONPATH to the unpatched one); skipped without CUDA.
 """
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import engine_kwargs, run_engine
+from analysis.logfile import read_log as analysis_read_log
+from conftest import SHARED, engine_kwargs, run_engine
+from experiments.tiny_moe import DEMO, build_moe
 from route_checks import (
-    assert_same_greedy_routing, check_against_oracle, check_token_ids, greedy_outputs, read_log,
-    routes_by_key, top2_spec, with_repeated_prompt,
+    assert_cut_as_returned, assert_same_greedy_routing, check_against_oracle, check_token_ids, greedy_outputs,
+    read_log, report, routes_by_key, stop_spec, top2_spec, with_repeated_prompt,
 )
 
 pytestmark = [
@@ -126,3 +130,20 @@ def test_logging_off_gives_stock_tokens(runs):
     assert greedy_outputs(runs["off"]) == greedy_outputs(runs["stock"])
     assert greedy_outputs(runs["default"]) == greedy_outputs(runs["stock"])
     assert runs["off"].result["workers"] == [{"active": False, "routers": 4, "hooked": 0}]
+
+
+def test_stop_strings_under_async_scheduling(tmp_path):
+    """V2 with async scheduling schedules a step before the front end has read the last
+    one: a response cut at a stop string says in request_end how many tokens its caller
+    got, and the analysis counts the positions logged past them."""
+    kit = Path(os.environ["MOE_KIT"]) if "MOE_KIT" in os.environ else SHARED  # the device kit's copy
+    model = build_moe(DEMO, tmp_path / "demo", tokenizer_dir=kit / "models" / "qwen1.5-moe-a2.7b-chat")
+    engine = engine_kwargs(gpu_memory_utilization=0.25, skip_tokenizer_init=False, max_num_seqs=8)
+    run = run_engine(tmp_path / "run", stop_spec(model, **engine), {"VLLM_LOG_MOE": str(tmp_path / "r.jsonl"), **ALL})
+    assert run.returncode == 0, run.output[-4000:]
+    ends = {r["req_id"]: r for r in map(json.loads, open(run.log)) if r["type"] == "request_end"}
+    for out in run.result["outputs"]:
+        assert_cut_as_returned(ends[out["id"]], out["prompt_token_ids"], out["samples"][0], out["stop_reasons"][0])
+    cut = analysis_read_log(run.log).not_returned
+    assert cut["requests"] == sum(out["stop_reasons"][0] == "e" for out in run.result["outputs"]) > 0
+    report(run, {"stop_strings": cut})

@@ -25,7 +25,7 @@ import pytest
 from analysis.logfile import read_log as analysis_read_log
 from conftest import ROUTE_ENV, SHARED, process_tree, run_engine, wait_until
 from experiments.tiny_moe import DEMO, build_moe
-from route_checks import check_against_oracle, prompts, report, restricted
+from route_checks import assert_cut_as_returned, check_against_oracle, prompts, report, restricted, stop_spec
 
 pytestmark = pytest.mark.engine
 CONCURRENT, CHATS, MANY, RSS_EVERY = 32, 4, 4000, 500
@@ -257,19 +257,6 @@ def test_every_response_joins_its_records(served):
         assert_cut_as_returned(end, resp["prompt_token_ids"], resp["token_ids"], resp["stop_reason"])
 
 
-def assert_cut_as_returned(end: dict, prompt: list[int], tokens: list[int], stop_reason) -> None:
-    """A response the front end cut at a stop string: request_end says how many tokens
-    the caller got; the engine may have computed (and logged) positions past them."""
-    logged = end["routed_positions"] + end["cached_positions"]
-    fed = end.get("generated_token_ids", [])
-    assert fed[: len(tokens)] == tokens[: len(fed)]
-    if stop_reason == "e":
-        assert end["returned_tokens"] == len(tokens)
-        assert logged >= len(prompt) + len(tokens) - 1
-    else:  # max_tokens: the engine ended it, at the last token returned
-        assert "returned_tokens" not in end and logged == len(prompt) + len(tokens) - 1
-
-
 def test_stop_strings_say_what_the_caller_got(served):
     """The log counts the positions past the tokens returned, from request_end's own
     generated token ids (positions logged: the prompt's and each token fed back)."""
@@ -283,11 +270,8 @@ def test_stop_strings_say_what_the_caller_got(served):
 def test_offline_stop_strings_say_what_the_caller_got(model, tmp_path):
     """The same through LLMEngine (what LLM.generate runs), whose front end is the
     caller's process; its file of returned counts is gone when it exits."""
-    sampling = {"max_tokens": 12, "temperature": 0.0, "stop": ["e"], "ignore_eos": True}
-    spec = {"model": str(model), "waves": [[{"id": f"s{i}", "prompt_token_ids": p, "sampling": sampling}
-                                            for i, p in enumerate(prompts(17, [12 + i for i in range(8)]))]],
-            "engine": {"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 256,
-                       "max_num_seqs": 8, "seed": 1234, "num_gpu_blocks_override": 64}}
+    spec = stop_spec(model, dtype="float32", gpu_memory_utilization=0.3, max_model_len=256, max_num_seqs=8,
+                     seed=1234, num_gpu_blocks_override=64)
     run = run_engine(tmp_path / "run", spec, {"VLLM_LOG_MOE": str(tmp_path / "routes.jsonl"), "VLLM_LOG_MOE_LAYERS": "all"})
     assert run.returncode == 0, run.output[-3000:]
     ends = {r["req_id"]: r for r in map(json.loads, open(run.log)) if r["type"] == "request_end"}
