@@ -218,3 +218,20 @@ def test_front_end_rejects_dense_layers_and_a_ring_smaller_than_a_step(models, t
     config = engine_config(models["top4"], monkeypatch, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"), VLLM_LOG_MOE_LAYERS="all")
     assert known_moe_layers(config.model_config.hf_text_config) == [0, 2, 3]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_front_end_checks_the_ring_of_listed_layers_of_any_family(models, tmp_path, monkeypatch):
+    """A family whose config does not spell out its MoE layers: listed layers still size
+    the ring here (the default, layer 0, among them); with 'all' the workers check it."""
+    from vllm.model_executor.layers.fused_moe.route_log import config as route_log_config
+
+    monkeypatch.setattr(route_log_config, "known_moe_layers", lambda hf_config: None)
+    engine = {"max_num_batched_tokens": 16384}
+    with pytest.raises(RouteLogError, match=r"VLLM_LOG_MOE_BUFFER_MB=1: one step of this engine needs up to 2 MiB"):
+        engine_config(models["top2"], monkeypatch, engine, VLLM_LOG_MOE=str(tmp_path / "r.jsonl"),
+                      VLLM_LOG_MOE_LAYERS="0-3", VLLM_LOG_MOE_BUFFER_MB="1")
+    engine_config(models["top2"], monkeypatch, engine, VLLM_LOG_MOE_LAYERS="0")  # one layer: 0.94 MiB a step
+    with pytest.raises(RouteLogError, match=r"VLLM_LOG_MOE_BUFFER_MB=1: one step of this engine needs up to 4 MiB"):
+        engine_config(models["top2"], monkeypatch, {"max_num_batched_tokens": 65536}, VLLM_LOG_MOE_LAYERS="0")
+    engine_config(models["top2"], monkeypatch, engine, VLLM_LOG_MOE_LAYERS="all")
+    assert list(tmp_path.iterdir()) == []

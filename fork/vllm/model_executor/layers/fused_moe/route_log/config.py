@@ -189,12 +189,15 @@ def route_log_settings(vllm_config) -> dict | None:
             f"layers 0-{num_layers - 1}; accepted: {LAYERS_HELP}"
         )
     parallel = vllm_config.parallel_config
+    # Families whose layout the config does not spell out: their workers check the
+    # layers as the model loads; the ring is checked here when the layers are listed.
     moe_layers = known_moe_layers(model.hf_text_config)
-    if moe_layers is not None:  # else the workers check, as the model loads
-        layers = select_layers(config.layers, moe_layers)
+    layers = config.layers if moe_layers is None else select_layers(config.layers, moe_layers)
+    top_k = getattr(model.hf_text_config, "num_experts_per_tok", None)
+    if layers is not None and top_k:
         rows = vllm_config.scheduler_config.max_num_batched_tokens
-        stages = _stage_sizes(layers, num_layers, parallel.pipeline_parallel_size)
-        buffer_bytes(config, step_layout(rows, rows, max(stages), model.hf_text_config.num_experts_per_tok)[-1])
+        stages = _stage_sizes(list(layers), num_layers, parallel.pipeline_parallel_size)
+        buffer_bytes(config, step_layout(rows, rows, max(stages), top_k)[-1])
     _check_speculative(vllm_config)
     unsupported = {
         "micro-batching (DBO)": getattr(parallel, "use_ubatching", False),
