@@ -220,6 +220,23 @@ def test_front_end_rejects_dense_layers_and_a_ring_smaller_than_a_step(models, t
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("fields, layers", [
+    ({"model_type": "qwen3_next", "num_experts": 8, "decoder_sparse_step": 1, "mlp_only_layers": [2]}, [0, 1, 3]),
+    ({"model_type": "deepseek_v3", "n_routed_experts": 8, "first_k_dense_replace": 1, "moe_layer_freq": 2}, [2]),
+    ({"model_type": "glm4_moe", "n_routed_experts": 8, "first_k_dense_replace": 1, "moe_layer_freq": 2}, [1, 2, 3]),
+    ({"model_type": "llama4_text", "interleave_moe_layer_step": 2}, [1, 3]),
+    ({"model_type": "gpt_oss"}, [0, 1, 2, 3]),
+    ({"model_type": "some_new_moe"}, None),
+])
+def test_moe_layers_of_families_whose_config_spells_them_out(fields, layers):
+    """vLLM's rules per family (models/<family>.py); glm4_moe ignores moe_layer_freq."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.fused_moe.route_log.config import known_moe_layers
+
+    assert known_moe_layers(SimpleNamespace(num_hidden_layers=4, **fields)) == layers
+
+
 def test_front_end_checks_the_ring_of_listed_layers_of_any_family(models, tmp_path, monkeypatch):
     """A family whose config does not spell out its MoE layers: listed layers still size
     the ring here (the default, layer 0, among them); with 'all' the workers check it."""

@@ -284,19 +284,22 @@ class WriterLayout:
 def known_moe_layers(hf_config) -> list[int] | None:
     """The MoE layers of a model family whose layout its config spells out, so that a
     dense layer in VLLM_LOG_MOE_LAYERS fails at the front end (the rules of vLLM's
-    qwen2_moe.py, qwen3_moe.py, deepseek_v2.py, mixtral.py); None for other families,
-    whose workers check as they load the model (moe_routers)."""
+    model files of these families); None for other families, whose workers check as
+    they load the model (moe_routers)."""
     kind = getattr(hf_config, "model_type", None)
     layers = range(getattr(hf_config, "num_hidden_layers", 0))
-    if kind in ("qwen2_moe", "qwen3_moe"):
+    if kind in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
         dense = getattr(hf_config, "mlp_only_layers", None) or []
-        step = hf_config.decoder_sparse_step
+        step = getattr(hf_config, "decoder_sparse_step", 1)
         return [i for i in layers if i not in dense and hf_config.num_experts > 0 and (i + 1) % step == 0]
-    if kind in ("deepseek_v2", "deepseek_v3"):
-        every = getattr(hf_config, "moe_layer_freq", 1)
+    if kind in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
+        every = getattr(hf_config, "moe_layer_freq", 1) if kind != "glm4_moe" else 1
         return [i for i in layers if hf_config.n_routed_experts is not None
                 and i >= hf_config.first_k_dense_replace and i % every == 0]
-    if kind == "mixtral":
+    if kind == "llama4_text":
+        step = hf_config.interleave_moe_layer_step
+        return [i for i in layers if step > 0 and (i + 1) % step == 0]
+    if kind in ("mixtral", "olmoe", "granitemoe", "phimoe", "gpt_oss", "minimax_m2"):  # every layer
         return list(layers)
     return None
 
