@@ -227,6 +227,14 @@ def test_request_end_says_what_the_front_end_returned(tmp_path):
     assert "returned_tokens_error" not in lines_of(tmp_path / "log.jsonl")[-1]
 
 
+def test_a_front_end_that_cannot_note_a_count_says_so_once_and_serves_on(capsys):
+    front_end = ReturnedTokens("/dev/full")  # every write: ENOSPC
+    for i in range(2):
+        front_end.returned(f"r{i}", SimpleNamespace(num_output_tokens=lambda: 3))
+    err = capsys.readouterr().err
+    assert err.count("VLLM_LOG_MOE: cannot note the tokens returned") == 1 and "no request_end has returned_tokens" in err
+
+
 def test_returned_counts_are_read_whole_and_only_a_writers_own_kept(tmp_path):
     path = tmp_path / "returned.jsonl"
     path.write_bytes(b'["a-1",3]\n["other",1]\n["b-2",')  # the last line still being appended

@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 RETURNED_PREFIX = "vllm-moe-returned-"  # then the front end's pid
@@ -42,7 +43,10 @@ def remove_orphans(prefix: str) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                _remove(path)
         except (ValueError, PermissionError):
             pass  # not ours by name, or another user's live process
 
@@ -60,7 +64,7 @@ class ReturnedTokens:
     one line: several API servers share the file."""
 
     def __init__(self, path: str):
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     @classmethod
     def of(cls, vllm_config) -> "ReturnedTokens | None":
@@ -69,9 +73,16 @@ class ReturnedTokens:
         return cls(path) if path else None
 
     def returned(self, engine_req_id: str, detokenizer) -> None:
-        if detokenizer is not None:  # pooling requests end in the engine
-            line = json.dumps([engine_req_id, detokenizer.num_output_tokens()]) + "\n"
+        if detokenizer is None or self.fd is None:  # pooling requests end in the engine
+            return
+        line = json.dumps([engine_req_id, detokenizer.num_output_tokens()]) + "\n"
+        try:
             os.write(self.fd, line.encode())
+        except OSError as e:  # serving goes on; the log's counts stop here, and this says so
+            self.fd = None
+            print(f"ERROR [route_log front end] VLLM_LOG_MOE: cannot note the tokens returned to "
+                  f"callers ({e.strerror}); from now on no request_end has returned_tokens",
+                  file=sys.stderr, flush=True)
 
 
 class ReturnedReader:
