@@ -417,6 +417,9 @@ class LogReader:
         if self.unended and log.end is None:  # a closed log ends every request
             log.notes.append(f"{len(self.unended)} of {len(self.request_keys)} requests "
                              "(or samples) have no 'request_end': they were running where the log stops")
+        if log.end and log.end.get("returned_tokens_error"):
+            log.notes.append(f"the writer could not read the front end's counts ({log.end['returned_tokens_error']}): "
+                             "responses cut at a stop string are not marked")
         if log.end and log.end.get("write_error"):
             log.notes.append(f"the writer stopped at a write error ({log.end['write_error']}); "
                              "records after it are missing")

@@ -625,3 +625,7 @@ def test_positions_past_what_the_front_end_returned_are_counted(tmp_path, capsys
     convert.main([str(path), str(tmp_path / "cut.parquet")])
     assert read_log(tmp_path / "cut.parquet").not_returned == {"requests": 3, "positions": 3}
     assert "positions_not_returned" not in stats.report(read_log(small_log(tmp_path)), [0], weighted=False)
+    lines = path.read_text().splitlines()
+    lines[-1] = json.dumps({"type": "end", "route_records": 22, "returned_tokens_error": "No such file (/tmp/x)"})
+    path.write_text("\n".join(lines) + "\n")
+    assert any("could not read the front end's counts (No such file (/tmp/x))" in n for n in read_log(path).notes)
