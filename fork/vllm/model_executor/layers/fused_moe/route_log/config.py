@@ -293,7 +293,7 @@ def known_moe_layers(hf_config) -> list[int] | None:
         step = getattr(hf_config, "decoder_sparse_step", 1)
         return [i for i in layers if i not in dense and hf_config.num_experts > 0 and (i + 1) % step == 0]
     if kind in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
-        every = getattr(hf_config, "moe_layer_freq", 1) if kind != "glm4_moe" else 1
+        every = 1 if kind == "glm4_moe" else getattr(hf_config, "moe_layer_freq", 1)
         return [i for i in layers if hf_config.n_routed_experts is not None
                 and i >= hf_config.first_k_dense_replace and i % every == 0]
     if kind == "llama4_text":
